@@ -1,0 +1,161 @@
+// Autograd for the public ops, in C++ at the Autograd dispatch key (the torchvision pattern):
+// no Python on the per-call path. Measured on a (1, 768) fp32 call, a Python-registered autograd
+// formula costs ~10 us per call and ~33 us once the weight requires grad, against ~6-8 us here.
+//
+//  * No gradient needed (grad mode off, or nothing requires grad): redispatch straight to the
+//    y-only kernel; nothing is saved, no graph node is made.
+//  * Otherwise a torch::autograd::Function calls the *_fwd op (y plus statistics), saves x, the
+//    parameters and the statistics, and its backward calls the *_bwd op through the dispatcher.
+//  * The *_fwd / *_bwd ops and the out= overloads get autograd's "not implemented" fallback, so
+//    differentiating them (double backward included) raises a clear error.
+
+#include <torch/autograd.h>
+#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
+#include <torch/library.h>
+
+#include "ops.h"
+
+namespace layernorm_ext {
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+using OptTensor = std::optional<at::Tensor>;
+
+bool defined(const OptTensor& t) { return t.has_value() && t->defined(); }
+
+bool any_requires_grad(const at::Tensor& input, const OptTensor& weight, const OptTensor& bias) {
+  return at::GradMode::is_enabled() &&
+         (input.requires_grad() || (defined(weight) && weight->requires_grad()) ||
+          (defined(bias) && bias->requires_grad()));
+}
+
+// Number of trailing dims normalised; the shape itself is re-read from the saved input, which
+// keeps symbolic sizes symbolic under torch.compile.
+c10::SymIntArrayRef normalized_shape_of(const at::Tensor& input, int64_t normalized_ndim) {
+  return input.sym_sizes().slice(input.dim() - normalized_ndim);
+}
+
+// Converts the bwd op's "empty when not requested" convention to autograd's undefined tensor.
+at::Tensor grad_or_undefined(bool requested, const at::Tensor& g) {
+  return requested ? g : at::Tensor();
+}
+
+class LayerNormFunction : public torch::autograd::Function<LayerNormFunction> {
+ public:
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& input,
+                            c10::SymIntArrayRef normalized_shape, const OptTensor& weight,
+                            const OptTensor& bias, double eps, bool zero_centered_weight) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [out, mean, rstd] =
+        ops::layer_norm_fwd().call(input, normalized_shape, weight, bias, eps, zero_centered_weight);
+    ctx->save_for_backward({input, weight.value_or(at::Tensor()), bias.value_or(at::Tensor()),
+                            mean, rstd});
+    ctx->saved_data["normalized_ndim"] = static_cast<int64_t>(normalized_shape.size());
+    ctx->saved_data["zero_centered_weight"] = zero_centered_weight;
+    return out;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    const variable_list saved = ctx->get_saved_variables();
+    const at::Tensor& input = saved[0];
+    const at::Tensor& weight = saved[1];
+    const at::Tensor& bias = saved[2];
+    const int64_t normalized_ndim = ctx->saved_data["normalized_ndim"].toInt();
+    const bool zero_centered_weight = ctx->saved_data["zero_centered_weight"].toBool();
+    // Autograd edges exist only for defined tensors: input, then weight, then bias.
+    size_t edge = 0;
+    const bool need_input = ctx->needs_input_grad(edge++);
+    const bool need_weight = weight.defined() && ctx->needs_input_grad(edge++);
+    const bool need_bias = bias.defined() && ctx->needs_input_grad(edge++);
+    const at::Tensor& grad_out = grad_outputs[0];
+    if (!grad_out.defined() || !(need_input || need_weight || need_bias)) {
+      return {at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+    }
+    auto [dx, dw, db] = ops::layer_norm_bwd().call(
+        grad_out, input, normalized_shape_of(input, normalized_ndim), saved[3], saved[4],
+        weight.defined() ? OptTensor(weight) : std::nullopt,
+        bias.defined() ? OptTensor(bias) : std::nullopt, zero_centered_weight,
+        {need_input, need_weight, need_bias});
+    return {grad_or_undefined(need_input, dx), at::Tensor(), grad_or_undefined(need_weight, dw),
+            grad_or_undefined(need_bias, db), at::Tensor(), at::Tensor()};
+  }
+};
+
+class RMSNormFunction : public torch::autograd::Function<RMSNormFunction> {
+ public:
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& input,
+                            c10::SymIntArrayRef normalized_shape, const OptTensor& weight,
+                            std::optional<double> eps, bool zero_centered_weight) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [out, rstd] =
+        ops::rms_norm_fwd().call(input, normalized_shape, weight, eps, zero_centered_weight);
+    ctx->save_for_backward({input, weight.value_or(at::Tensor()), rstd});
+    ctx->saved_data["normalized_ndim"] = static_cast<int64_t>(normalized_shape.size());
+    ctx->saved_data["zero_centered_weight"] = zero_centered_weight;
+    return out;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    const variable_list saved = ctx->get_saved_variables();
+    const at::Tensor& input = saved[0];
+    const at::Tensor& weight = saved[1];
+    const int64_t normalized_ndim = ctx->saved_data["normalized_ndim"].toInt();
+    const bool zero_centered_weight = ctx->saved_data["zero_centered_weight"].toBool();
+    size_t edge = 0;
+    const bool need_input = ctx->needs_input_grad(edge++);
+    const bool need_weight = weight.defined() && ctx->needs_input_grad(edge++);
+    const at::Tensor& grad_out = grad_outputs[0];
+    if (!grad_out.defined() || !(need_input || need_weight)) {
+      return {at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+    }
+    auto [dx, dw] = ops::rms_norm_bwd().call(
+        grad_out, input, normalized_shape_of(input, normalized_ndim), saved[2],
+        weight.defined() ? OptTensor(weight) : std::nullopt, zero_centered_weight,
+        {need_input, need_weight});
+    return {grad_or_undefined(need_input, dx), at::Tensor(), grad_or_undefined(need_weight, dw),
+            at::Tensor(), at::Tensor()};
+  }
+};
+
+at::Tensor layer_norm_autograd(const at::Tensor& input, c10::SymIntArrayRef normalized_shape,
+                               const OptTensor& weight, const OptTensor& bias, double eps,
+                               bool zero_centered_weight) {
+  if (!any_requires_grad(input, weight, bias)) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return ops::layer_norm().call(input, normalized_shape, weight, bias, eps,
+                                  zero_centered_weight);
+  }
+  return LayerNormFunction::apply(input, normalized_shape, weight, bias, eps,
+                                  zero_centered_weight);
+}
+
+at::Tensor rms_norm_autograd(const at::Tensor& input, c10::SymIntArrayRef normalized_shape,
+                             const OptTensor& weight, std::optional<double> eps,
+                             bool zero_centered_weight) {
+  if (!any_requires_grad(input, weight, std::nullopt)) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return ops::rms_norm().call(input, normalized_shape, weight, eps, zero_centered_weight);
+  }
+  return RMSNormFunction::apply(input, normalized_shape, weight, eps, zero_centered_weight);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(layernorm_ext, Autograd, m) {
+  m.impl("layer_norm", TORCH_FN(layer_norm_autograd));
+  m.impl("rms_norm", TORCH_FN(rms_norm_autograd));
+  for (const char* name : {"layer_norm.out", "layer_norm_fwd", "layer_norm_bwd", "rms_norm.out",
+                           "rms_norm_fwd", "rms_norm_bwd"}) {
+    m.impl(name, torch::autograd::autogradNotImplementedFallback());
+  }
+}
+
+TORCH_LIBRARY_IMPL(layernorm_ext, ADInplaceOrView, m) {
+  // out= overloads mutate `out`: bump its version counter like any in-place op.
+  for (const char* name : {"layer_norm.out", "rms_norm.out"}) {
+    m.impl(name, torch::autograd::autogradNotImplementedInplaceOrViewFallback());
+  }
+}
+
+}  // namespace layernorm_ext

@@ -1,0 +1,123 @@
+// CPU launchers: split rows across torch's intra-op thread pool and call the ISA-specific row
+// kernels (norm_krnl.cpp) chosen by isa.cpp. Registers the CPU kernels of every op.
+
+#include <ATen/Parallel.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <algorithm>
+
+#include "../norm_host.h"
+#include "isa.h"
+#include "kernel_api.h"
+
+namespace layernorm_ext {
+namespace {
+
+// Rows per task: at least ~16K elements, so tiny inputs run inline on the calling thread and
+// large ones split evenly. Only the split changes with the thread count; a row's arithmetic never
+// does, so results are bitwise identical for any number of threads.
+constexpr int64_t kGrainElements = 16384;
+
+int64_t row_grain(int64_t N) { return std::max<int64_t>(1, kGrainElements / std::max<int64_t>(N, 1)); }
+
+void launch_forward_cpu(const FwdProblem& p) {
+  if (p.M == 0 || p.N == 0) {
+    return;
+  }
+  cpu::FwdParams k;
+  k.x = p.x.const_data_ptr();
+  k.x_stride = p.x_stride;
+  k.weight = p.weight.defined() ? p.weight.const_data_ptr() : nullptr;
+  k.bias = p.bias.defined() ? p.bias.const_data_ptr() : nullptr;
+  k.y = p.y.mutable_data_ptr();
+  k.y_stride = p.y_stride;
+  k.mean = p.mean.defined() ? p.mean.mutable_data_ptr() : nullptr;
+  k.rstd = p.rstd.defined() ? p.rstd.mutable_data_ptr() : nullptr;
+  k.N = p.N;
+  k.eps = p.eps;
+  k.zero_centered_weight = p.zero_centered_weight;
+  const cpu::FwdRowsFn fn = cpu::active_table().fwd[static_cast<int>(p.kind)][p.combo];
+  at::parallel_for(0, p.M, row_grain(p.N), [&](int64_t begin, int64_t end) { fn(k, begin, end); });
+}
+
+// Number of row chunks for the parameter gradients. It depends only on (M, N), never on the
+// thread count, so dweight / dbias are bitwise reproducible on any machine configuration:
+// chunk c sums its rows in order into partial row c, and the partial rows are then added in a
+// fixed pairwise tree.
+int64_t gradient_chunks(int64_t M, int64_t N) {
+  constexpr int64_t kMaxChunks = 64;
+  const int64_t by_work = std::max<int64_t>(1, (M * N) / (4 * kGrainElements));
+  return std::min({kMaxChunks, by_work, M});
+}
+
+void launch_backward_cpu(const BwdProblem& p) {
+  if (p.M == 0 || p.N == 0) {
+    return;  // dweight / dbias were created as zeros when M == 0
+  }
+  cpu::BwdParams k;
+  k.dy = p.dy.const_data_ptr();
+  k.dy_stride = p.dy_stride;
+  k.x = p.x.const_data_ptr();
+  k.x_stride = p.x_stride;
+  k.mean = p.mean.defined() ? p.mean.const_data_ptr() : nullptr;
+  k.rstd = p.rstd.const_data_ptr();
+  k.weight = p.weight.defined() ? p.weight.const_data_ptr() : nullptr;
+  k.dx = p.dx.defined() ? p.dx.mutable_data_ptr() : nullptr;
+  k.dx_stride = p.N;
+  k.N = p.N;
+  k.zero_centered_weight = p.zero_centered_weight;
+  const cpu::KernelTable& table = cpu::active_table();
+  const cpu::BwdRowsFn fn = table.bwd[static_cast<int>(p.kind)][p.combo];
+
+  const bool need_dw = p.dweight.defined();
+  const bool need_db = p.dbias.defined();
+  if (!need_dw && !need_db) {
+    if (k.dx == nullptr) {
+      return;
+    }
+    at::parallel_for(0, p.M, row_grain(p.N),
+                     [&](int64_t begin, int64_t end) { fn(k, begin, end, nullptr, nullptr); });
+    return;
+  }
+
+  const int64_t N = p.N;
+  int64_t chunks = gradient_chunks(p.M, N);
+  const int64_t rows_per_chunk = (p.M + chunks - 1) / chunks;
+  chunks = (p.M + rows_per_chunk - 1) / rows_per_chunk;
+  const auto acc_options = p.x.options().dtype(acc_type(p.x.scalar_type()));
+  const at::Tensor dw_partial = need_dw ? at::zeros({chunks, N}, acc_options) : at::Tensor();
+  const at::Tensor db_partial = need_db ? at::zeros({chunks, N}, acc_options) : at::Tensor();
+  const size_t acc_size = acc_options.dtype().itemsize();
+  char* dw_base = need_dw ? static_cast<char*>(dw_partial.mutable_data_ptr()) : nullptr;
+  char* db_base = need_db ? static_cast<char*>(db_partial.mutable_data_ptr()) : nullptr;
+  at::parallel_for(0, chunks, 1, [&](int64_t c_begin, int64_t c_end) {
+    for (int64_t c = c_begin; c < c_end; ++c) {
+      const int64_t begin = c * rows_per_chunk;
+      const int64_t end = std::min(p.M, begin + rows_per_chunk);
+      const size_t offset = static_cast<size_t>(c) * N * acc_size;
+      fn(k, begin, end, need_dw ? dw_base + offset : nullptr, need_db ? db_base + offset : nullptr);
+    }
+  });
+  const cpu::ColumnSumFn column_sum = table.column_sum[p.combo];
+  const int64_t col_grain = std::max<int64_t>(64, kGrainElements / chunks);
+  at::parallel_for(0, N, col_grain, [&](int64_t begin, int64_t end) {
+    if (need_dw) column_sum(dw_base, chunks, N, begin, end, p.dweight.mutable_data_ptr());
+    if (need_db) column_sum(db_base, chunks, N, begin, end, p.dbias.mutable_data_ptr());
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(layernorm_ext, CPU, m) {
+  m.impl("layer_norm", TORCH_FN(layer_norm_impl<launch_forward_cpu>));
+  m.impl("layer_norm.out", TORCH_FN(layer_norm_out_impl<launch_forward_cpu>));
+  m.impl("layer_norm_fwd", TORCH_FN(layer_norm_fwd_impl<launch_forward_cpu>));
+  m.impl("layer_norm_bwd", TORCH_FN(layer_norm_bwd_impl<launch_backward_cpu>));
+  m.impl("rms_norm", TORCH_FN(rms_norm_impl<launch_forward_cpu>));
+  m.impl("rms_norm.out", TORCH_FN(rms_norm_out_impl<launch_forward_cpu>));
+  m.impl("rms_norm_fwd", TORCH_FN(rms_norm_fwd_impl<launch_forward_cpu>));
+  m.impl("rms_norm_bwd", TORCH_FN(rms_norm_bwd_impl<launch_backward_cpu>));
+}
+
+}  // namespace layernorm_ext

@@ -1,0 +1,216 @@
+// A thin vector layer for the row kernels: fp32 / fp64 registers, loads that widen fp16 / bf16 /
+// fp32 storage into fp32 lanes, stores that narrow with round-to-nearest-even, and fused
+// multiply-add where the ISA has it.
+//
+// The implementation is chosen by the compiler flags of the object that includes it:
+//   avx512: -mavx512f -mavx512bw -mavx512vl -mavx512dq -mfma -mf16c  (16 fp32 / 8 fp64 lanes)
+//   avx2:   -mavx2 -mfma -mf16c                                       (8 fp32 / 4 fp64 lanes)
+//   scalar: no flags; plain arrays of 8 fp32 / 4 fp64 that the compiler vectorises for the
+//           baseline of the target (SSE2 on x86-64, NEON on aarch64).
+// Loads and stores are always unaligned, so results never depend on a pointer's alignment.
+#pragma once
+
+#include <cstdint>
+
+#include "convert.h"
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && \
+    defined(__AVX512DQ__) && defined(__FMA__) && defined(__F16C__)
+#define LNEXT_VEC_AVX512 1
+#include <immintrin.h>
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define LNEXT_VEC_AVX2 1
+#include <immintrin.h>
+#endif
+
+namespace layernorm_ext::cpu {
+inline namespace LNEXT_CPU_CAPABILITY {
+
+// Scalar fused multiply-add with the same rounding as the vector lanes (a*b+c rounded once where
+// the ISA fuses, twice on the portable path), so a row's tail is computed like its body.
+inline float madd(float a, float b, float c) {
+#if defined(LNEXT_VEC_AVX512) || defined(LNEXT_VEC_AVX2)
+  return __builtin_fmaf(a, b, c);
+#else
+  return a * b + c;
+#endif
+}
+inline double madd(double a, double b, double c) {
+#if defined(LNEXT_VEC_AVX512) || defined(LNEXT_VEC_AVX2)
+  return __builtin_fma(a, b, c);
+#else
+  return a * b + c;
+#endif
+}
+
+template <typename A>
+struct Vec;
+
+#if defined(LNEXT_VEC_AVX512)
+
+template <>
+struct Vec<float> {
+  static constexpr int kSize = 16;
+  __m512 v;
+  static Vec zero() { return {_mm512_setzero_ps()}; }
+  static Vec set1(float s) { return {_mm512_set1_ps(s)}; }
+  static Vec load(const float* p) { return {_mm512_loadu_ps(p)}; }
+  static Vec load(const Half* p) {
+    return {_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)))};
+  }
+  static Vec load(const BFloat16* p) {
+    const __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+    return {_mm512_castsi512_ps(_mm512_slli_epi32(w, 16))};
+  }
+  void store(float* p) const { _mm512_storeu_ps(p, v); }
+  void store(Half* p) const {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p),
+                        _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  }
+  void store(BFloat16* p) const {
+    // Round to nearest even in integer arithmetic (keeps subnormals, unlike vcvtneps2bf16),
+    // then replace NaN lanes by the canonical 0x7FC0.
+    const __m512i w = _mm512_castps_si512(v);
+    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(w, 16), _mm512_set1_epi32(1));
+    __m512i r = _mm512_add_epi32(w, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)));
+    r = _mm512_srli_epi32(r, 16);
+    const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+    r = _mm512_mask_mov_epi32(r, nan, _mm512_set1_epi32(0x7FC0));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(r));
+  }
+  void store_lanes(float* out) const { _mm512_storeu_ps(out, v); }
+  friend Vec operator+(Vec a, Vec b) { return {_mm512_add_ps(a.v, b.v)}; }
+  friend Vec operator-(Vec a, Vec b) { return {_mm512_sub_ps(a.v, b.v)}; }
+  friend Vec operator*(Vec a, Vec b) { return {_mm512_mul_ps(a.v, b.v)}; }
+  friend Vec madd(Vec a, Vec b, Vec c) { return {_mm512_fmadd_ps(a.v, b.v, c.v)}; }
+};
+
+template <>
+struct Vec<double> {
+  static constexpr int kSize = 8;
+  __m512d v;
+  static Vec zero() { return {_mm512_setzero_pd()}; }
+  static Vec set1(double s) { return {_mm512_set1_pd(s)}; }
+  static Vec load(const double* p) { return {_mm512_loadu_pd(p)}; }
+  void store(double* p) const { _mm512_storeu_pd(p, v); }
+  void store_lanes(double* out) const { _mm512_storeu_pd(out, v); }
+  friend Vec operator+(Vec a, Vec b) { return {_mm512_add_pd(a.v, b.v)}; }
+  friend Vec operator-(Vec a, Vec b) { return {_mm512_sub_pd(a.v, b.v)}; }
+  friend Vec operator*(Vec a, Vec b) { return {_mm512_mul_pd(a.v, b.v)}; }
+  friend Vec madd(Vec a, Vec b, Vec c) { return {_mm512_fmadd_pd(a.v, b.v, c.v)}; }
+};
+
+#elif defined(LNEXT_VEC_AVX2)
+
+template <>
+struct Vec<float> {
+  static constexpr int kSize = 8;
+  __m256 v;
+  static Vec zero() { return {_mm256_setzero_ps()}; }
+  static Vec set1(float s) { return {_mm256_set1_ps(s)}; }
+  static Vec load(const float* p) { return {_mm256_loadu_ps(p)}; }
+  static Vec load(const Half* p) {
+    return {_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)))};
+  }
+  static Vec load(const BFloat16* p) {
+    const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    return {_mm256_castsi256_ps(_mm256_slli_epi32(w, 16))};
+  }
+  void store(float* p) const { _mm256_storeu_ps(p, v); }
+  void store(Half* p) const {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p),
+                     _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  }
+  void store(BFloat16* p) const {
+    const __m256i w = _mm256_castps_si256(v);
+    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(w, 16), _mm256_set1_epi32(1));
+    __m256i r = _mm256_add_epi32(w, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF)));
+    r = _mm256_srli_epi32(r, 16);
+    const __m256 nan = _mm256_cmp_ps(v, v, _CMP_UNORD_Q);
+    r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), _mm256_castps_si256(nan));
+    // Narrow 8 x u32 (each < 2^16) to 8 x u16: pack within 128-bit halves, then gather them.
+    const __m256i packed = _mm256_packus_epi32(r, r);
+    const __m256i ordered = _mm256_permute4x64_epi64(packed, 0x08);  // qwords 0 and 2
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(ordered));
+  }
+  void store_lanes(float* out) const { _mm256_storeu_ps(out, v); }
+  friend Vec operator+(Vec a, Vec b) { return {_mm256_add_ps(a.v, b.v)}; }
+  friend Vec operator-(Vec a, Vec b) { return {_mm256_sub_ps(a.v, b.v)}; }
+  friend Vec operator*(Vec a, Vec b) { return {_mm256_mul_ps(a.v, b.v)}; }
+  friend Vec madd(Vec a, Vec b, Vec c) { return {_mm256_fmadd_ps(a.v, b.v, c.v)}; }
+};
+
+template <>
+struct Vec<double> {
+  static constexpr int kSize = 4;
+  __m256d v;
+  static Vec zero() { return {_mm256_setzero_pd()}; }
+  static Vec set1(double s) { return {_mm256_set1_pd(s)}; }
+  static Vec load(const double* p) { return {_mm256_loadu_pd(p)}; }
+  void store(double* p) const { _mm256_storeu_pd(p, v); }
+  void store_lanes(double* out) const { _mm256_storeu_pd(out, v); }
+  friend Vec operator+(Vec a, Vec b) { return {_mm256_add_pd(a.v, b.v)}; }
+  friend Vec operator-(Vec a, Vec b) { return {_mm256_sub_pd(a.v, b.v)}; }
+  friend Vec operator*(Vec a, Vec b) { return {_mm256_mul_pd(a.v, b.v)}; }
+  friend Vec madd(Vec a, Vec b, Vec c) { return {_mm256_fmadd_pd(a.v, b.v, c.v)}; }
+};
+
+#else  // portable
+
+// Fixed-width arrays; every operation is an elementwise loop that -O3 turns into the target's
+// baseline SIMD. No fused multiply-add: the baseline x86-64 has none, and emulating it is slow.
+template <typename A, int W>
+struct ArrayVec {
+  static constexpr int kSize = W;
+  A v[W];
+  static ArrayVec zero() { return set1(A(0)); }
+  static ArrayVec set1(A s) {
+    ArrayVec r;
+    for (int i = 0; i < W; ++i) r.v[i] = s;
+    return r;
+  }
+  template <typename T>
+  static ArrayVec load(const T* p) {
+    ArrayVec r;
+    for (int i = 0; i < W; ++i) r.v[i] = load_acc(p + i);
+    return r;
+  }
+  template <typename T>
+  void store(T* p) const {
+    for (int i = 0; i < W; ++i) store_acc(p + i, v[i]);
+  }
+  void store_lanes(A* out) const {
+    for (int i = 0; i < W; ++i) out[i] = v[i];
+  }
+#define LNEXT_ARRAYVEC_BINOP(op)                          \
+  friend ArrayVec operator op(ArrayVec a, ArrayVec b) {   \
+    ArrayVec r;                                           \
+    for (int i = 0; i < W; ++i) r.v[i] = a.v[i] op b.v[i]; \
+    return r;                                             \
+  }
+  LNEXT_ARRAYVEC_BINOP(+)
+  LNEXT_ARRAYVEC_BINOP(-)
+  LNEXT_ARRAYVEC_BINOP(*)
+#undef LNEXT_ARRAYVEC_BINOP
+  friend ArrayVec madd(ArrayVec a, ArrayVec b, ArrayVec c) {
+    ArrayVec r;
+    for (int i = 0; i < W; ++i) r.v[i] = a.v[i] * b.v[i] + c.v[i];
+    return r;
+  }
+};
+
+template <>
+struct Vec<float> : ArrayVec<float, 8> {
+  Vec() = default;
+  Vec(const ArrayVec<float, 8>& a) : ArrayVec<float, 8>(a) {}  // NOLINT(google-explicit-constructor)
+};
+template <>
+struct Vec<double> : ArrayVec<double, 4> {
+  Vec() = default;
+  Vec(const ArrayVec<double, 4>& a) : ArrayVec<double, 4>(a) {}  // NOLINT(google-explicit-constructor)
+};
+
+#endif
+
+}  // namespace LNEXT_CPU_CAPABILITY
+}  // namespace layernorm_ext::cpu

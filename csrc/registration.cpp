@@ -1,0 +1,80 @@
+// Every op schema of the extension, and the bare Python module init that lets
+// `import layernorm_ext._C` load this shared library (which runs the registrations below).
+//
+// Backends register their kernels from their own files with TORCH_LIBRARY_IMPL:
+//   cpu/norm_cpu.cpp  (CPU)      cuda/norm_cuda.cu  (CUDA, only when built with nvcc)
+//   meta.cpp          (Meta: shapes for FakeTensor / torch.compile / export)
+//   autograd.cpp      (Autograd: C++ torch::autograd::Function per differentiable op)
+
+#include <Python.h>
+#include <torch/library.h>
+
+#include "cpu/isa.h"
+
+extern "C" {
+// No pybind: the module is empty, the ops live in the dispatcher (torch.ops.layernorm_ext).
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {
+      PyModuleDef_HEAD_INIT, "_C", "layernorm_ext kernels (ops are in torch.ops.layernorm_ext)",
+      -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+namespace layernorm_ext {
+
+TORCH_LIBRARY(layernorm_ext, m) {
+  const std::vector<at::Tag> tags = {at::Tag::pt2_compliant_tag};
+
+  // LayerNorm. `layer_norm` is the public op: its CPU / CUDA kernels compute y only (the
+  // inference path, taken directly under no_grad / inference_mode); its Autograd kernel calls
+  // layer_norm_fwd, which also returns the per-row mean and rstd saved for layer_norm_bwd.
+  m.def(
+      "layer_norm(Tensor input, SymInt[] normalized_shape, Tensor? weight=None, "
+      "Tensor? bias=None, float eps=1e-05, *, bool zero_centered_weight=False) -> Tensor",
+      tags);
+  m.def(
+      "layer_norm.out(Tensor input, SymInt[] normalized_shape, Tensor? weight=None, "
+      "Tensor? bias=None, float eps=1e-05, *, bool zero_centered_weight=False, "
+      "Tensor(a!) out) -> Tensor(a!)",
+      tags);
+  m.def(
+      "layer_norm_fwd(Tensor input, SymInt[] normalized_shape, Tensor? weight=None, "
+      "Tensor? bias=None, float eps=1e-05, *, bool zero_centered_weight=False) "
+      "-> (Tensor out, Tensor mean, Tensor rstd)",
+      tags);
+  // Gradients not asked for in output_mask come back as empty 1-D tensors.
+  m.def(
+      "layer_norm_bwd(Tensor grad_out, Tensor input, SymInt[] normalized_shape, Tensor mean, "
+      "Tensor rstd, Tensor? weight, Tensor? bias, bool zero_centered_weight, bool[3] output_mask) "
+      "-> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias)",
+      tags);
+
+  // RMSNorm: y = x / sqrt(mean(x^2) + eps) * weight. eps=None means the machine epsilon of the
+  // computation type (fp32 for fp16/bf16/fp32 input), as torch.nn.functional.rms_norm.
+  m.def(
+      "rms_norm(Tensor input, SymInt[] normalized_shape, Tensor? weight=None, float? eps=None, "
+      "*, bool zero_centered_weight=False) -> Tensor",
+      tags);
+  m.def(
+      "rms_norm.out(Tensor input, SymInt[] normalized_shape, Tensor? weight=None, "
+      "float? eps=None, *, bool zero_centered_weight=False, Tensor(a!) out) -> Tensor(a!)",
+      tags);
+  m.def(
+      "rms_norm_fwd(Tensor input, SymInt[] normalized_shape, Tensor? weight=None, "
+      "float? eps=None, *, bool zero_centered_weight=False) -> (Tensor out, Tensor rstd)",
+      tags);
+  m.def(
+      "rms_norm_bwd(Tensor grad_out, Tensor input, SymInt[] normalized_shape, Tensor rstd, "
+      "Tensor? weight, bool zero_centered_weight, bool[2] output_mask) "
+      "-> (Tensor grad_input, Tensor grad_weight)",
+      tags);
+
+  // CPU kernel selection (see cpu/isa.h).
+  m.def("cpu_capability() -> str", [] { return cpu::capability(); });
+  m.def("available_cpu_capabilities() -> str[]", [] { return cpu::available_capabilities(); });
+  m.def("set_cpu_capability(str name) -> str",
+        [](const std::string& name) { return cpu::set_capability(name); });
+}
+
+}  // namespace layernorm_ext

@@ -1,0 +1,33 @@
+"""layernorm_ext: LayerNorm and RMSNorm kernels for PyTorch (CPU SIMD and CUDA).
+
+Drop-in replacements for ``torch.nn.functional.layer_norm`` / ``rms_norm`` and
+``torch.nn.LayerNorm`` / ``RMSNorm``, registered as PyTorch dispatcher ops
+(``torch.ops.layernorm_ext.*``) with C++ autograd and meta kernels, so they work with autograd,
+``torch.compile``, ``torch.export`` and CUDA graphs.
+"""
+
+import torch  # noqa: F401  (loads libtorch before the extension)
+
+from . import _C  # noqa: F401  (registers torch.ops.layernorm_ext)
+from ._version import __version__
+from .functional import (
+    available_cpu_capabilities,
+    cpu_capability,
+    has_cuda_kernels,
+    layer_norm,
+    rms_norm,
+    set_cpu_capability,
+)
+from .modules import LayerNorm, RMSNorm
+
+__all__ = [
+    "LayerNorm",
+    "RMSNorm",
+    "__version__",
+    "available_cpu_capabilities",
+    "cpu_capability",
+    "has_cuda_kernels",
+    "layer_norm",
+    "rms_norm",
+    "set_cpu_capability",
+]

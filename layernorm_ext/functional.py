@@ -1,0 +1,127 @@
+"""Functional API: the same signatures and semantics as ``torch.nn.functional``.
+
+Each function binds its dispatcher op once at import and adds nothing but argument plumbing on the
+per-call path: shape, dtype and device checks happen once, in C++ (with ATen's wording).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+__all__ = [
+    "available_cpu_capabilities",
+    "cpu_capability",
+    "has_cuda_kernels",
+    "layer_norm",
+    "rms_norm",
+    "set_cpu_capability",
+]
+
+_ops = torch.ops.layernorm_ext
+_layer_norm = _ops.layer_norm.default
+_layer_norm_out = _ops.layer_norm.out
+_rms_norm = _ops.rms_norm.default
+_rms_norm_out = _ops.rms_norm.out
+
+ShapeLike = int | Sequence[int] | torch.Size
+
+
+def layer_norm(
+    input: torch.Tensor,
+    normalized_shape: ShapeLike,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    eps: float = 1e-5,
+    *,
+    zero_centered_weight: bool = False,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Layer normalization over the trailing ``normalized_shape`` dims of ``input``.
+
+    Behaves like :func:`torch.nn.functional.layer_norm`: per row, ``(x - mean) / sqrt(var + eps)``
+    with the population variance, then ``* weight + bias`` where given. Statistics are computed
+    in fp32 (fp64 for fp64 input) with Welford's algorithm.
+
+    Args:
+        input: tensor of shape ``[*, *normalized_shape]``; fp32, fp64, fp16 or bf16.
+        normalized_shape: an int or a sequence of ints, the trailing dims to normalize over.
+        weight: optional scale of shape ``normalized_shape``, in the input's dtype (or fp32 for
+            fp16 / bf16 input).
+        bias: optional shift, same rules as ``weight``.
+        eps: added to the variance for numerical stability.
+        zero_centered_weight: scale by ``1 + weight`` instead of ``weight`` (Gemma style), in fp32.
+        out: optional preallocated output (input's dtype; resized to the input's shape if needed).
+            Not differentiable.
+
+    Returns:
+        The normalized tensor, in the input's dtype and shape (``out`` if given).
+    """
+    shape = (normalized_shape,) if isinstance(normalized_shape, int) else normalized_shape
+    if out is None:
+        return _layer_norm(
+            input, shape, weight, bias, eps, zero_centered_weight=zero_centered_weight
+        )
+    return _layer_norm_out(
+        input, shape, weight, bias, eps, zero_centered_weight=zero_centered_weight, out=out
+    )
+
+
+def rms_norm(
+    input: torch.Tensor,
+    normalized_shape: ShapeLike,
+    weight: torch.Tensor | None = None,
+    eps: float | None = None,
+    *,
+    zero_centered_weight: bool = False,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Root-mean-square normalization, like :func:`torch.nn.functional.rms_norm`.
+
+    ``y = x / sqrt(mean(x**2) + eps) * weight``, computed in fp32 (fp64 for fp64 input) and
+    rounded once to the input's dtype. ``eps=None`` uses the machine epsilon of the computation
+    type (fp32 for fp16 / bf16 / fp32 input), as torch does.
+
+    Args:
+        input: tensor of shape ``[*, *normalized_shape]``.
+        normalized_shape: an int or a sequence of ints.
+        weight: optional scale (input's dtype, or fp32 for fp16 / bf16 input).
+        eps: added to the mean square; ``None`` for the computation type's epsilon.
+        zero_centered_weight: scale by ``1 + weight`` (Gemma style), in fp32.
+        out: optional preallocated output. Not differentiable.
+    """
+    shape = (normalized_shape,) if isinstance(normalized_shape, int) else normalized_shape
+    if out is None:
+        return _rms_norm(input, shape, weight, eps, zero_centered_weight=zero_centered_weight)
+    return _rms_norm_out(
+        input, shape, weight, eps, zero_centered_weight=zero_centered_weight, out=out
+    )
+
+
+def cpu_capability() -> str:
+    """The CPU kernel set in use: ``"avx512"``, ``"avx2"`` or ``"scalar"``.
+
+    Chosen once from the running CPU's features, or forced with the environment variable
+    ``LAYERNORM_EXT_CPU_ISA=auto|avx512|avx2|scalar`` (read on first use).
+    """
+    return _ops.cpu_capability()
+
+
+def available_cpu_capabilities() -> list[str]:
+    """The CPU kernel sets this build has and this CPU can run, best first."""
+    return list(_ops.available_cpu_capabilities())
+
+
+def set_cpu_capability(name: str) -> str:
+    """Switches the CPU kernel set for the whole process; returns the previous one.
+
+    ``name`` is ``"auto"`` or one of :func:`available_cpu_capabilities`. Meant for tests and
+    benchmarks: switch between calls, not while other threads run ops.
+    """
+    return _ops.set_cpu_capability(name)
+
+
+def has_cuda_kernels() -> bool:
+    """True if this build registered CUDA kernels (it was compiled with nvcc)."""
+    return torch._C._dispatch_has_kernel_for_dispatch_key("layernorm_ext::layer_norm", "CUDA")
