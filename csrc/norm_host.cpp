@@ -1,5 +1,7 @@
 #include "norm_host.h"
 
+#include "cpu/large_alloc.h"
+
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/zeros_like.h>
@@ -69,7 +71,7 @@ FwdProblem prepare_forward(Norm kind, const at::Tensor& input, c10::SymIntArrayR
     }
   }
   if (!direct) {
-    p.y = at::empty(input.sizes(), input.options().memory_format(at::MemoryFormat::Contiguous));
+    p.y = cpu::empty_output(input.sizes(), input.options());
     p.y_stride = p.N;
   }
   if (want_stats) {
@@ -128,7 +130,7 @@ BwdProblem prepare_backward(Norm kind, const at::Tensor& grad_out, const at::Ten
   p.combo = dtype_combo(input.scalar_type(), p.weight, b);
 
   if (output_mask[0]) {
-    p.dx = at::empty(input.sizes(), input.options().memory_format(at::MemoryFormat::Contiguous));
+    p.dx = cpu::empty_output(input.sizes(), input.options());
   }
   // With no rows the parameter gradients are sums over nothing: zeros, not garbage.
   if (output_mask[1] && p.weight.defined()) {

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .functional import _layer_norm, _rms_norm
+from .functional import layer_norm, rms_norm
 
 __all__ = ["LayerNorm", "RMSNorm"]
 
@@ -22,7 +22,7 @@ class LayerNorm(torch.nn.LayerNorm):
     """
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return _layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
+        return layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
 
 
 class RMSNorm(torch.nn.RMSNorm):
@@ -33,4 +33,4 @@ class RMSNorm(torch.nn.RMSNorm):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _rms_norm(x, self.normalized_shape, self.weight, self.eps)
+        return rms_norm(x, self.normalized_shape, self.weight, self.eps)

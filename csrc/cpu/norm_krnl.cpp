@@ -17,6 +17,7 @@
 //    rows, the row's position or the thread count.
 // Compiled with -ffp-contract=off: every fused multiply-add below is explicit (madd).
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -37,11 +38,14 @@ namespace {
 template <typename T>
 using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
 
-// Vectors per Welford chunk: long enough to amortise the merge, short enough that the running
-// mean of a chunk does not drift (each lane sees at most kChunk values before a Chan merge).
-constexpr int kChunk = 16;
+// Vectors per Welford chunk (per lane: kChunk values, split over kStreams interleaved streams so
+// the dependent Welford updates of one stream overlap with the others').
+constexpr int kChunk = 32;
+constexpr int kStreams = 4;
 // Cascade levels: level i holds kChunk * 2^i vectors per lane; 48 covers any int64 row length.
 constexpr int kLevels = 48;
+// Rows of at most this many vectors take the two-pass path (the row stays in registers / L1).
+constexpr int kShortRowVectors = 32;
 
 template <typename A>
 struct Reciprocals {
@@ -54,7 +58,7 @@ template <typename A>
 constexpr Reciprocals<A> kRecip{};
 
 // Chan merge of (mb, qb, nb) into (ma, qa, na), for a scalar or a vector of lanes that all hold
-// the same count. Either side may be empty.
+// the same count. Either side may be empty; equal counts (the common case) need no division.
 template <typename A, typename X>
 inline void chan_merge(X& ma, X& qa, int64_t& na, const X& mb, const X& qb, int64_t nb) {
   if (nb == 0) {
@@ -67,7 +71,7 @@ inline void chan_merge(X& ma, X& qa, int64_t& na, const X& mb, const X& qb, int6
     return;
   }
   const int64_t n = na + nb;
-  const A ratio = static_cast<A>(nb) / static_cast<A>(n);
+  const A ratio = na == nb ? A(0.5) : static_cast<A>(nb) / static_cast<A>(n);
   const A weight = static_cast<A>(na) * ratio;
   if constexpr (std::is_same_v<X, A>) {
     const A delta = mb - ma;
@@ -82,90 +86,167 @@ inline void chan_merge(X& ma, X& qa, int64_t& na, const X& mb, const X& qb, int6
 }
 
 // --- Statistics ------------------------------------------------------------------------------
+//
+// Every LayerNorm statistic is computed on x - x0, x0 being the row's first element. The shift
+// costs one subtraction and removes the row's offset before anything is summed, so the error of
+// the mean and variance no longer grows with the condition number kappa = (|mean| + std) / std
+// (a row like 1e6 + randn keeps full fp32 accuracy). The apply pass uses the same shifted form.
 
-// Welford over one chunk of `count` (<= kChunk) vectors starting at x.
-// Scalar math: d = x - m; m += d / (k + 1); q += d * (x - m_new).
-template <typename T, typename V, typename A = acc_t<T>>
-inline void welford_chunk(const T* x, int count, V& m, V& q) {
+// Moments of a row: mean of (x - shift), and the population variance.
+template <typename A>
+struct RowMoments {
+  A shift;
+  A mean;  // of x - shift
+  A var;
+};
+
+// Short rows: the exact two-pass algorithm (sum, then sum of squared deviations), the row being
+// re-read from registers / L1. A masked partial vector covers the tail, so there is no scalar
+// loop and the tail is computed exactly like the body.
+template <typename T, typename A = acc_t<T>>
+inline RowMoments<A> moments_short(const T* x, int64_t N) {
+  using V = Vec<A>;
   constexpr int L = V::kSize;
-  m = V::zero();
-  q = V::zero();
-  for (int k = 0; k < count; ++k) {
-    const V xv = V::load(x + static_cast<int64_t>(k) * L);
-    const V d = xv - m;
-    m = madd(d, V::set1(kRecip<A>.r[k]), m);
-    q = madd(d, xv - m, q);
+  const int64_t nfull = N / L;
+  const int tail = static_cast<int>(N % L);
+  const A shift = load_acc(x);
+  const V vshift = V::set1(shift);
+  V s[4] = {V::zero(), V::zero(), V::zero(), V::zero()};
+  int64_t v = 0;
+  for (; v + 4 <= nfull; v += 4) {
+    for (int u = 0; u < 4; ++u) s[u] = s[u] + (V::load(x + (v + u) * L) - vshift);
   }
+  for (int u = 0; v < nfull; ++v, ++u) s[u] = s[u] + (V::load(x + v * L) - vshift);
+  if (tail > 0) {
+    s[3] = s[3] + (V::load_partial(x + nfull * L, tail) - vshift).first(tail);
+  }
+  const A mean = ((s[0] + s[1]) + (s[2] + s[3])).sum() / static_cast<A>(N);
+
+  const V vcenter = V::set1(mean);
+  V q[4] = {V::zero(), V::zero(), V::zero(), V::zero()};
+  v = 0;
+  for (; v + 4 <= nfull; v += 4) {
+    for (int u = 0; u < 4; ++u) {
+      const V d = (V::load(x + (v + u) * L) - vshift) - vcenter;
+      q[u] = madd(d, d, q[u]);
+    }
+  }
+  for (int u = 0; v < nfull; ++v, ++u) {
+    const V d = (V::load(x + v * L) - vshift) - vcenter;
+    q[u] = madd(d, d, q[u]);
+  }
+  if (tail > 0) {
+    const V d = ((V::load_partial(x + nfull * L, tail) - vshift) - vcenter).first(tail);
+    q[3] = madd(d, d, q[3]);
+  }
+  const A m2 = ((q[0] + q[1]) + (q[2] + q[3])).sum();
+  return {shift, mean, welford_variance(m2, N)};
 }
 
-// Mean and population variance of one row.
+// Welford over `count` consecutive vectors, as kStreams interleaved streams (stream u takes
+// vectors u, u + kStreams, ...) merged pairwise. Returns per-lane (mean, m2) and the per-lane count.
+// Scalar math per stream: d = x - m; m += d / (k + 1); m2 += d * (x - m_new).
+template <typename T, typename V, typename A = acc_t<T>>
+inline int64_t welford_vectors(const T* x, const V& vshift, int count, V& m_out, V& q_out) {
+  constexpr int L = V::kSize;
+  V m[kStreams];
+  V q[kStreams];
+  for (int u = 0; u < kStreams; ++u) {
+    m[u] = V::zero();
+    q[u] = V::zero();
+  }
+  const int steps = count / kStreams;
+  const int extra = count % kStreams;
+  for (int k = 0; k < steps; ++k) {
+    const V r = V::set1(kRecip<A>.r[k]);
+    for (int u = 0; u < kStreams; ++u) {
+      const V xv = V::load(x + static_cast<int64_t>(k * kStreams + u) * L) - vshift;
+      const V d = xv - m[u];
+      m[u] = madd(d, r, m[u]);
+      q[u] = madd(d, xv - m[u], q[u]);
+    }
+  }
+  int64_t n[kStreams];
+  for (int u = 0; u < kStreams; ++u) {
+    n[u] = steps;
+    if (u < extra) {
+      const V xv = V::load(x + static_cast<int64_t>(steps * kStreams + u) * L) - vshift;
+      const V d = xv - m[u];
+      m[u] = madd(d, V::set1(kRecip<A>.r[steps]), m[u]);
+      q[u] = madd(d, xv - m[u], q[u]);
+      n[u] = steps + 1;
+    }
+  }
+  chan_merge<A>(m[0], q[0], n[0], m[1], q[1], n[1]);
+  chan_merge<A>(m[2], q[2], n[2], m[3], q[3], n[3]);
+  chan_merge<A>(m[0], q[0], n[0], m[2], q[2], n[2]);
+  m_out = m[0];
+  q_out = q[0];
+  return n[0];
+}
+
+// Long rows: Welford in L lanes. Chunks of kChunk vectors feed a binary counter: two results of
+// equal count merge and carry upward, so every merge combines sets of similar size and the error
+// grows like log N. Lanes then merge in a fixed pairwise tree; the scalar tail (N mod L) last.
 template <typename T, typename A = acc_t<T>>
-inline void row_moments(const T* x, int64_t N, A& mean_out, A& var_out) {
+inline RowMoments<A> moments_long(const T* x, int64_t N) {
   using V = Vec<A>;
   constexpr int L = V::kSize;
   const int64_t nvec = N / L;
+  const A shift = load_acc(x);
+  const V vshift = V::set1(shift);
 
-  Welford<A> total{A(0), A(0), 0};
-  if (nvec > 0) {
-    // Full chunks feed a binary counter: two results of equal count merge and carry upward, so
-    // every merge combines sets of similar size (pairwise error growth).
-    V lvl_mean[kLevels];
-    V lvl_m2[kLevels];
-    uint64_t occupied = 0;
-    int64_t v = 0;
-    for (; v + kChunk <= nvec; v += kChunk) {
-      V m, q;
-      welford_chunk<T, V>(x + v * L, kChunk, m, q);
-      int64_t n = kChunk;
-      int lvl = 0;
-      while ((occupied >> lvl) & 1u) {
-        int64_t n_lvl = n;
-        chan_merge<A>(m, q, n, lvl_mean[lvl], lvl_m2[lvl], n_lvl);
-        occupied &= ~(uint64_t{1} << lvl);
-        ++lvl;
-      }
-      lvl_mean[lvl] = m;
-      lvl_m2[lvl] = q;
-      occupied |= uint64_t{1} << lvl;
+  V lvl_mean[kLevels];
+  V lvl_m2[kLevels];
+  uint64_t occupied = 0;
+  int64_t v = 0;
+  for (; v + kChunk <= nvec; v += kChunk) {
+    V m, q;
+    int64_t n = welford_vectors<T>(x + v * L, vshift, kChunk, m, q);
+    int lvl = 0;
+    while ((occupied >> lvl) & 1u) {
+      chan_merge<A>(m, q, n, lvl_mean[lvl], lvl_m2[lvl], n);
+      occupied &= ~(uint64_t{1} << lvl);
+      ++lvl;
     }
-    // The partial chunk, then the occupied levels from the smallest up.
-    V m = V::zero();
-    V q = V::zero();
-    int64_t n = nvec - v;
-    if (n > 0) {
-      welford_chunk<T, V>(x + v * L, static_cast<int>(n), m, q);
-    }
-    for (int lvl = 0; lvl < kLevels; ++lvl) {
-      if ((occupied >> lvl) & 1u) {
-        chan_merge<A>(m, q, n, lvl_mean[lvl], lvl_m2[lvl], int64_t{kChunk} << lvl);
-      }
-    }
-    // Lanes: a fixed pairwise tree of equal-count merges.
-    A lm[L];
-    A lq[L];
-    m.store_lanes(lm);
-    q.store_lanes(lq);
-    for (int width = L / 2; width >= 1; width /= 2) {
-      for (int i = 0; i < width; ++i) {
-        int64_t na = n;
-        chan_merge<A>(lm[i], lq[i], na, lm[i + width], lq[i + width], n);
-      }
-      n *= 2;
-    }
-    total = Welford<A>{lm[0], lq[0], n};
+    lvl_mean[lvl] = m;
+    lvl_m2[lvl] = q;
+    occupied |= uint64_t{1} << lvl;
   }
+  // The partial chunk, then the occupied levels from the smallest up.
+  V m = V::zero();
+  V q = V::zero();
+  int64_t n = 0;
+  if (v < nvec) {
+    n = welford_vectors<T>(x + v * L, vshift, static_cast<int>(nvec - v), m, q);
+  }
+  for (uint64_t bits = occupied; bits != 0; bits &= bits - 1) {
+    const int lvl = __builtin_ctzll(bits);
+    chan_merge<A>(m, q, n, lvl_mean[lvl], lvl_m2[lvl], int64_t{kChunk} << lvl);
+  }
+  // Lanes all hold n values, so their merge has a closed form (the pairwise Chan tree of equal
+  // counts, unrolled): mean = average of the lane means, m2 = sum of lane m2 + n * sum of the
+  // lanes' squared deviations from that mean. Horizontal sums are fixed pairwise trees.
+  const A lane_mean = m.sum() / static_cast<A>(L);
+  const V dev = m - V::set1(lane_mean);
+  Welford<A> total{lane_mean, madd(static_cast<A>(n), (dev * dev).sum(), q.sum()), n * L};
   // Scalar tail: fewer than L elements, merged last.
   Welford<A> tail{A(0), A(0), 0};
   for (int64_t i = nvec * L; i < N; ++i) {
-    const A xv = load_acc(x + i);
+    const A xv = load_acc(x + i) - shift;
     const A d = xv - tail.mean;
     tail.mean = madd(d, kRecip<A>.r[tail.n], tail.mean);
     tail.m2 = madd(d, xv - tail.mean, tail.m2);
     ++tail.n;
   }
   chan_merge<A>(total.mean, total.m2, total.n, tail.mean, tail.m2, tail.n);
-  mean_out = total.mean;
-  var_out = welford_variance(total.m2, total.n);
+  return {shift, total.mean, welford_variance(total.m2, total.n)};
+}
+
+template <typename T, typename A = acc_t<T>>
+inline RowMoments<A> row_moments(const T* x, int64_t N) {
+  return N <= int64_t{kShortRowVectors} * Vec<A>::kSize ? moments_short<T>(x, N)
+                                                        : moments_long<T>(x, N);
 }
 
 // Blocked pairwise summation of S parallel sums over a row: vector lanes accumulate over a chunk
@@ -220,29 +301,41 @@ inline void cascade_finish(CascadeSum<V, S>& cs, A* out) {
   }
 }
 
-// Mean of squares of one row (RMSNorm). Nothing cancels in a sum of squares, so plain blocked
-// pairwise sums suffice.
+// Mean of squares of one row (RMSNorm). Nothing cancels in a sum of squares, so blocked pairwise
+// sums suffice: four accumulators per chunk of kChunk vectors (independent FMA chains), chunk
+// totals into the cascade, a masked partial vector for the tail.
 template <typename T, typename A = acc_t<T>>
 inline A row_mean_square(const T* x, int64_t N) {
   using V = Vec<A>;
   constexpr int L = V::kSize;
-  A sum = A(0);
-  int64_t i = 0;
-  if (N >= L) {
-    CascadeSum<V, 1> cs;
-    for (; i + L <= N; i += L) {
-      const V xv = V::load(x + i);
-      cs.chunk[0] = madd(xv, xv, cs.chunk[0]);
-      cs.step();
+  const int64_t nfull = N / L;
+  const int tail = static_cast<int>(N % L);
+  CascadeSum<V, 1> cs;
+  int64_t v = 0;
+  while (v < nfull) {
+    const int64_t chunk_end = std::min(nfull, v + kChunk);
+    V a[4] = {V::zero(), V::zero(), V::zero(), V::zero()};
+    for (; v + 4 <= chunk_end; v += 4) {
+      for (int u = 0; u < 4; ++u) {
+        const V xv = V::load(x + (v + u) * L);
+        a[u] = madd(xv, xv, a[u]);
+      }
     }
-    cascade_finish(cs, &sum);
+    for (int u = 0; v < chunk_end; ++v, ++u) {
+      const V xv = V::load(x + v * L);
+      a[u] = madd(xv, xv, a[u]);
+    }
+    cs.chunk[0] = (a[0] + a[1]) + (a[2] + a[3]);
+    cs.in_chunk = kChunk - 1;
+    cs.step();
   }
-  A tail = A(0);
-  for (; i < N; ++i) {
-    const A xv = load_acc(x + i);
-    tail = madd(xv, xv, tail);
+  if (tail > 0) {
+    const V xv = V::load_partial(x + nfull * L, tail);
+    cs.chunk[0] = madd(xv, xv, cs.chunk[0]);
   }
-  return (sum + tail) / static_cast<A>(N);
+  A sum;
+  cascade_finish(cs, &sum);
+  return sum / static_cast<A>(N);
 }
 
 // --- Forward ---------------------------------------------------------------------------------
@@ -258,39 +351,43 @@ inline V effective_weight(V w) {
   }
 }
 
-// y = xhat * w + b with xhat = (x - mean) * rstd (LayerNorm) or x * rstd (RMSNorm, mean == 0).
+// y = xhat * w + b, with xhat = ((x - shift) - mean) * rstd for LayerNorm (the shifted form of
+// the statistics) and xhat = x * rstd for RMSNorm. The tail is a masked partial vector, computed
+// exactly like the body.
+template <NormKind K, WMode kW, bool kB, typename V, typename T, typename P>
+inline V apply_vec(const V& xv, const P* w, const P* b, int64_t i, int n, const V& vshift,
+                   const V& vmean, const V& vrstd) {
+  const V xhat = K == NormKind::kLayerNorm ? ((xv - vshift) - vmean) * vrstd : xv * vrstd;
+  if constexpr (kW != WMode::kNone) {
+    const V wv = effective_weight<kW>(n < 0 ? V::load(w + i) : V::load_partial(w + i, n));
+    if constexpr (kB) {
+      return madd(xhat, wv, n < 0 ? V::load(b + i) : V::load_partial(b + i, n));
+    } else {
+      return xhat * wv;
+    }
+  } else if constexpr (kB) {
+    return xhat + (n < 0 ? V::load(b + i) : V::load_partial(b + i, n));
+  } else {
+    return xhat;
+  }
+}
+
 template <NormKind K, WMode kW, bool kB, typename T, typename P, typename A = acc_t<T>>
-inline void apply_row(const T* x, const P* w, const P* b, T* y, int64_t N, A mean, A rstd) {
+inline void apply_row(const T* x, const P* w, const P* b, T* y, int64_t N, A shift, A mean,
+                      A rstd) {
   using V = Vec<A>;
   constexpr int L = V::kSize;
+  const V vshift = V::set1(shift);
   const V vmean = V::set1(mean);
   const V vrstd = V::set1(rstd);
   int64_t i = 0;
   for (; i + L <= N; i += L) {
-    const V xv = V::load(x + i);
-    const V xhat = K == NormKind::kLayerNorm ? (xv - vmean) * vrstd : xv * vrstd;
-    V out = xhat;
-    if constexpr (kW != WMode::kNone) {
-      const V wv = effective_weight<kW>(V::load(w + i));
-      out = kB ? madd(xhat, wv, V::load(b + i)) : xhat * wv;
-    } else if constexpr (kB) {
-      out = xhat + V::load(b + i);
-    }
-    out.store(y + i);
+    apply_vec<K, kW, kB, V, T>(V::load(x + i), w, b, i, -1, vshift, vmean, vrstd).store(y + i);
   }
-  // Scalar math: the same expression per element.
-  for (; i < N; ++i) {
-    const A xv = load_acc(x + i);
-    const A xhat = K == NormKind::kLayerNorm ? (xv - mean) * rstd : xv * rstd;
-    A out = xhat;
-    if constexpr (kW != WMode::kNone) {
-      A wv = load_acc(w + i);
-      if constexpr (kW == WMode::kPlusOne) wv = wv + A(1);
-      out = kB ? madd(xhat, wv, load_acc(b + i)) : xhat * wv;
-    } else if constexpr (kB) {
-      out = xhat + load_acc(b + i);
-    }
-    store_acc(y + i, out);
+  const int tail = static_cast<int>(N - i);
+  if (tail > 0) {
+    apply_vec<K, kW, kB, V, T>(V::load_partial(x + i, tail), w, b, i, tail, vshift, vmean, vrstd)
+        .store_partial(y + i, tail);
   }
 }
 
@@ -307,18 +404,17 @@ void fwd_rows(const FwdParams& p, int64_t begin, int64_t end) {
   const A eps = static_cast<A>(p.eps);
   for (int64_t r = begin; r < end; ++r) {
     const T* xr = x + r * p.x_stride;
-    A mean = A(0);
+    RowMoments<A> mo{A(0), A(0), A(0)};
     A rstd;
     if constexpr (K == NormKind::kLayerNorm) {
-      A var;
-      row_moments<T>(xr, N, mean, var);
-      rstd = A(1) / std::sqrt(var + eps);
+      mo = row_moments<T>(xr, N);
+      rstd = A(1) / std::sqrt(mo.var + eps);
     } else {
       rstd = A(1) / std::sqrt(row_mean_square<T>(xr, N) + eps);
     }
-    if (mean_out != nullptr) mean_out[r] = mean;
+    if (mean_out != nullptr) mean_out[r] = mo.shift + mo.mean;
     if (rstd_out != nullptr) rstd_out[r] = rstd;
-    apply_row<K, kW, kB>(xr, w, b, y + r * p.y_stride, N, mean, rstd);
+    apply_row<K, kW, kB>(xr, w, b, y + r * p.y_stride, N, mo.shift, mo.mean, rstd);
   }
 }
 

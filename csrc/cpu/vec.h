@@ -11,6 +11,7 @@
 #pragma once
 
 #include <cstdint>
+#include <cstring>
 
 #include "convert.h"
 
@@ -78,6 +79,29 @@ struct Vec<float> {
     r = _mm512_mask_mov_epi32(r, nan, _mm512_set1_epi32(0x7FC0));
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(r));
   }
+  // The first n (0 <= n < kSize) elements; the other lanes read as zero and are not touched.
+  static Vec load_partial(const float* p, int n) { return {_mm512_maskz_loadu_ps(mask(n), p)}; }
+  static Vec load_partial(const Half* p, int n) {
+    return {_mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask(n), p))};
+  }
+  static Vec load_partial(const BFloat16* p, int n) {
+    const __m512i w = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask(n), p));
+    return {_mm512_castsi512_ps(_mm512_slli_epi32(w, 16))};
+  }
+  void store_partial(float* p, int n) const { _mm512_mask_storeu_ps(p, mask(n), v); }
+  void store_partial(Half* p, int n) const {
+    _mm256_mask_storeu_epi16(p, mask(n),
+                             _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  }
+  void store_partial(BFloat16* p, int n) const {
+    alignas(64) BFloat16 tmp[kSize];
+    store(tmp);
+    _mm256_mask_storeu_epi16(p, mask(n), _mm256_load_si256(reinterpret_cast<const __m256i*>(tmp)));
+  }
+  // Lanes >= n set to zero.
+  Vec first(int n) const { return {_mm512_maskz_mov_ps(mask(n), v)}; }
+  float sum() const { return _mm512_reduce_add_ps(v); }
+  static __mmask16 mask(int n) { return static_cast<__mmask16>((1u << n) - 1u); }
   void store_lanes(float* out) const { _mm512_storeu_ps(out, v); }
   friend Vec operator+(Vec a, Vec b) { return {_mm512_add_ps(a.v, b.v)}; }
   friend Vec operator-(Vec a, Vec b) { return {_mm512_sub_ps(a.v, b.v)}; }
@@ -93,6 +117,11 @@ struct Vec<double> {
   static Vec set1(double s) { return {_mm512_set1_pd(s)}; }
   static Vec load(const double* p) { return {_mm512_loadu_pd(p)}; }
   void store(double* p) const { _mm512_storeu_pd(p, v); }
+  static Vec load_partial(const double* p, int n) { return {_mm512_maskz_loadu_pd(mask(n), p)}; }
+  void store_partial(double* p, int n) const { _mm512_mask_storeu_pd(p, mask(n), v); }
+  Vec first(int n) const { return {_mm512_maskz_mov_pd(mask(n), v)}; }
+  double sum() const { return _mm512_reduce_add_pd(v); }
+  static __mmask8 mask(int n) { return static_cast<__mmask8>((1u << n) - 1u); }
   void store_lanes(double* out) const { _mm512_storeu_pd(out, v); }
   friend Vec operator+(Vec a, Vec b) { return {_mm512_add_pd(a.v, b.v)}; }
   friend Vec operator-(Vec a, Vec b) { return {_mm512_sub_pd(a.v, b.v)}; }
@@ -133,6 +162,30 @@ struct Vec<float> {
     const __m256i ordered = _mm256_permute4x64_epi64(packed, 0x08);  // qwords 0 and 2
     _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(ordered));
   }
+  // The first n (0 <= n < kSize) elements; the other lanes read as zero and are not touched.
+  static Vec load_partial(const float* p, int n) { return {_mm256_maskload_ps(p, mask(n))}; }
+  template <typename T>
+  static Vec load_partial(const T* p, int n) {
+    alignas(32) T tmp[kSize] = {};
+    std::memcpy(tmp, p, sizeof(T) * n);
+    return load(tmp);
+  }
+  void store_partial(float* p, int n) const { _mm256_maskstore_ps(p, mask(n), v); }
+  template <typename T>
+  void store_partial(T* p, int n) const {
+    alignas(32) T tmp[kSize];
+    store(tmp);
+    std::memcpy(p, tmp, sizeof(T) * n);
+  }
+  Vec first(int n) const { return {_mm256_and_ps(v, _mm256_castsi256_ps(mask(n)))}; }
+  float sum() const {
+    __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    x = _mm_add_ps(x, _mm_movehl_ps(x, x));
+    return _mm_cvtss_f32(_mm_add_ss(x, _mm_shuffle_ps(x, x, 1)));
+  }
+  static __m256i mask(int n) {
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  }
   void store_lanes(float* out) const { _mm256_storeu_ps(out, v); }
   friend Vec operator+(Vec a, Vec b) { return {_mm256_add_ps(a.v, b.v)}; }
   friend Vec operator-(Vec a, Vec b) { return {_mm256_sub_ps(a.v, b.v)}; }
@@ -148,6 +201,16 @@ struct Vec<double> {
   static Vec set1(double s) { return {_mm256_set1_pd(s)}; }
   static Vec load(const double* p) { return {_mm256_loadu_pd(p)}; }
   void store(double* p) const { _mm256_storeu_pd(p, v); }
+  static Vec load_partial(const double* p, int n) { return {_mm256_maskload_pd(p, mask(n))}; }
+  void store_partial(double* p, int n) const { _mm256_maskstore_pd(p, mask(n), v); }
+  Vec first(int n) const { return {_mm256_and_pd(v, _mm256_castsi256_pd(mask(n)))}; }
+  double sum() const {
+    __m128d x = _mm_add_pd(_mm256_castpd256_pd128(v), _mm256_extractf128_pd(v, 1));
+    return _mm_cvtsd_f64(_mm_add_sd(x, _mm_unpackhi_pd(x, x)));
+  }
+  static __m256i mask(int n) {
+    return _mm256_cmpgt_epi64(_mm256_set1_epi64x(n), _mm256_setr_epi64x(0, 1, 2, 3));
+  }
   void store_lanes(double* out) const { _mm256_storeu_pd(out, v); }
   friend Vec operator+(Vec a, Vec b) { return {_mm256_add_pd(a.v, b.v)}; }
   friend Vec operator-(Vec a, Vec b) { return {_mm256_sub_pd(a.v, b.v)}; }
@@ -178,6 +241,30 @@ struct ArrayVec {
   template <typename T>
   void store(T* p) const {
     for (int i = 0; i < W; ++i) store_acc(p + i, v[i]);
+  }
+  template <typename T>
+  static ArrayVec load_partial(const T* p, int n) {
+    ArrayVec r = zero();
+    for (int i = 0; i < n; ++i) r.v[i] = load_acc(p + i);
+    return r;
+  }
+  template <typename T>
+  void store_partial(T* p, int n) const {
+    for (int i = 0; i < n; ++i) store_acc(p + i, v[i]);
+  }
+  ArrayVec first(int n) const {
+    ArrayVec r = zero();
+    for (int i = 0; i < n; ++i) r.v[i] = v[i];
+    return r;
+  }
+  // Pairwise tree, like the SIMD versions.
+  A sum() const {
+    A t[W];
+    for (int i = 0; i < W; ++i) t[i] = v[i];
+    for (int w = W / 2; w >= 1; w /= 2) {
+      for (int i = 0; i < w; ++i) t[i] += t[i + w];
+    }
+    return t[0];
   }
   void store_lanes(A* out) const {
     for (int i = 0; i < W; ++i) out[i] = v[i];
