@@ -33,12 +33,15 @@ from setuptools import setup
 ROOT = Path(__file__).parent.resolve()
 
 # Per-ISA flags of the torch-free row kernels. The "scalar" object is the portable baseline.
+AVX512_FLAGS = [
+    *("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", "-mf16c"),
+    "-Wno-uninitialized",  # GCC 12 false positive in its own AVX-512 headers (GCC bug 105593)
+]
 ISA_FLAGS = {
     "scalar": [],
     "avx2": ["-mavx2", "-mfma", "-mf16c"],
-    "avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", "-mf16c",
-               # GCC 12 false positive in its own AVX-512 headers (GCC bug 105593)
-               "-Wno-uninitialized"],
+    "avx512": AVX512_FLAGS,
+    "avx512_bf16": [*AVX512_FLAGS, "-mavx512bf16"],
 }
 DEFAULT_CUDA_ARCHS = ["8.0", "8.6", "8.9", "9.0", "10.0", "12.0"]
 
@@ -128,7 +131,7 @@ SOURCES = read_sources()
 DEBUG = env_flag("LAYERNORM_EXT_DEBUG")
 OPT = ["-O0", "-g"] if DEBUG else ["-O3"]
 X86 = platform.machine().lower() in ("x86_64", "amd64")
-ISAS = ["scalar", "avx2", "avx512"] if X86 else ["scalar"]
+ISAS = ["scalar", "avx2", "avx512", "avx512_bf16"] if X86 else ["scalar"]
 
 with_cuda = bool(cuda_home) and bool(SOURCES["cuda"])
 if env_flag("LAYERNORM_EXT_FORCE_CUDA") and not with_cuda:

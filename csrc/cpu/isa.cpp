@@ -27,11 +27,13 @@ bool has_avx512() {
   return has_avx2() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
 }
+bool has_avx512_bf16() { return has_avx512() && __builtin_cpu_supports("avx512bf16"); }
 #endif
 
 // Best first.
 const IsaEntry kIsas[] = {
 #ifdef LNEXT_CPU_HAS_X86_ISAS
+    {"avx512_bf16", &kernel_table_avx512_bf16, &has_avx512_bf16},
     {"avx512", &kernel_table_avx512, &has_avx512},
     {"avx2", &kernel_table_avx2, &has_avx2},
 #endif

@@ -9,10 +9,11 @@
 namespace layernorm_ext::cpu {
 
 // The table in use. Chosen once, on first use, from the running CPU's features, unless the
-// environment variable LAYERNORM_EXT_CPU_ISA names one (auto | avx512 | avx2 | scalar).
+// environment variable LAYERNORM_EXT_CPU_ISA names one
+// (auto | avx512_bf16 | avx512 | avx2 | scalar).
 const KernelTable& active_table();
 
-// Name of the table in use ("avx512", "avx2" or "scalar").
+// Name of the table in use ("avx512_bf16", "avx512", "avx2" or "scalar").
 std::string capability();
 
 // Every ISA this build has and this CPU can run, best first.

@@ -86,6 +86,7 @@ const KernelTable& kernel_table_scalar();
 #define LNEXT_CPU_HAS_X86_ISAS 1
 const KernelTable& kernel_table_avx2();
 const KernelTable& kernel_table_avx512();
+const KernelTable& kernel_table_avx512_bf16();
 #endif
 
 }  // namespace layernorm_ext::cpu

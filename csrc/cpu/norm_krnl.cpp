@@ -21,6 +21,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <type_traits>
 
 #include "../welford.h"
@@ -392,12 +393,10 @@ inline void apply_row(const T* x, const P* w, const P* b, T* y, int64_t N, A shi
 }
 
 template <NormKind K, WMode kW, bool kB, typename T, typename P>
-void fwd_rows(const FwdParams& p, int64_t begin, int64_t end) {
+void fwd_rows_impl(const FwdParams& p, const P* w, const P* b, int64_t begin, int64_t end) {
   using A = acc_t<T>;
   const int64_t N = p.N;
   const T* x = static_cast<const T*>(p.x);
-  const P* w = static_cast<const P*>(p.weight);
-  const P* b = static_cast<const P*>(p.bias);
   T* y = static_cast<T*>(p.y);
   A* mean_out = static_cast<A*>(p.mean);
   A* rstd_out = static_cast<A*>(p.rstd);
@@ -416,6 +415,39 @@ void fwd_rows(const FwdParams& p, int64_t begin, int64_t end) {
     if (rstd_out != nullptr) rstd_out[r] = rstd;
     apply_row<K, kW, kB>(xr, w, b, y + r * p.y_stride, N, mo.shift, mo.mean, rstd);
   }
+}
+
+// fp16 / bf16 parameters are widened to fp32 once per task (and 1 + w folded in, in fp32, exactly
+// as the per-element path computes it), so every row then reads fp32 parameters without a
+// conversion. The arithmetic is identical either way: results do not depend on how rows are split.
+template <NormKind K, WMode kW, bool kB, typename T, typename P>
+void fwd_rows(const FwdParams& p, int64_t begin, int64_t end) {
+  const P* w = static_cast<const P*>(p.weight);
+  const P* b = static_cast<const P*>(p.bias);
+  if constexpr (!std::is_same_v<P, acc_t<T>> && (kW != WMode::kNone || kB)) {
+    if (end - begin > 1) {
+      using A = acc_t<T>;
+      using V = Vec<A>;
+      constexpr int L = V::kSize;
+      const int64_t N = p.N;
+      std::unique_ptr<A[]> scratch(new A[(kW != WMode::kNone ? N : 0) + (kB ? N : 0)]);
+      A* wf = kW != WMode::kNone ? scratch.get() : nullptr;
+      A* bf = kB ? scratch.get() + (kW != WMode::kNone ? N : 0) : nullptr;
+      int64_t i = 0;
+      for (; i + L <= N; i += L) {
+        if (wf != nullptr) effective_weight<kW>(V::load(w + i)).store(wf + i);
+        if (bf != nullptr) V::load(b + i).store(bf + i);
+      }
+      if (i < N) {
+        const int n = static_cast<int>(N - i);
+        if (wf != nullptr) effective_weight<kW>(V::load_partial(w + i, n)).store_partial(wf + i, n);
+        if (bf != nullptr) V::load_partial(b + i, n).store_partial(bf + i, n);
+      }
+      constexpr WMode kWf = kW == WMode::kNone ? WMode::kNone : WMode::kPlain;
+      return fwd_rows_impl<K, kWf, kB, T, A>(p, wf, bf, begin, end);
+    }
+  }
+  fwd_rows_impl<K, kW, kB, T, P>(p, w, b, begin, end);
 }
 
 // --- Backward --------------------------------------------------------------------------------

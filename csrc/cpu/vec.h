@@ -3,6 +3,7 @@
 // multiply-add where the ISA has it.
 //
 // The implementation is chosen by the compiler flags of the object that includes it:
+//   avx512_bf16: avx512 + -mavx512bf16 (native fp32 -> bf16 stores)
 //   avx512: -mavx512f -mavx512bw -mavx512vl -mavx512dq -mfma -mf16c  (16 fp32 / 8 fp64 lanes)
 //   avx2:   -mavx2 -mfma -mf16c                                       (8 fp32 / 4 fp64 lanes)
 //   scalar: no flags; plain arrays of 8 fp32 / 4 fp64 that the compiler vectorises for the
@@ -23,6 +24,8 @@
 #define LNEXT_VEC_AVX2 1
 #include <immintrin.h>
 #endif
+
+#define C10_LIKELY_LNEXT(x) __builtin_expect(!!(x), 1)
 
 namespace layernorm_ext::cpu {
 inline namespace LNEXT_CPU_CAPABILITY {
@@ -69,6 +72,18 @@ struct Vec<float> {
                         _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
   }
   void store(BFloat16* p) const {
+#if defined(__AVX512BF16__)
+    // Native conversion (one instruction, round to nearest even). It treats subnormal inputs as
+    // zero and keeps NaN payloads, where torch keeps subnormals and writes 0x7FC0; those lanes
+    // (|v| < FLT_MIN and v != 0, or NaN) are rare, so they take the exact integer path below.
+    const __mmask16 tiny_or_nan =
+        _mm512_cmp_ps_mask(_mm512_abs_ps(v), _mm512_set1_ps(0x1.0p-126f), _CMP_NGE_UQ);
+    const __mmask16 slow = _mm512_mask_cmp_ps_mask(tiny_or_nan, v, _mm512_setzero_ps(), _CMP_NEQ_UQ);
+    if (C10_LIKELY_LNEXT(slow == 0)) {
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), (__m256i)_mm512_cvtneps_pbh(v));
+      return;
+    }
+#endif
     // Round to nearest even in integer arithmetic (keeps subnormals, unlike vcvtneps2bf16),
     // then replace NaN lanes by the canonical 0x7FC0.
     const __m512i w = _mm512_castps_si512(v);

@@ -1,0 +1,79 @@
+"""The CMake build (CMakeLists.txt) configures, compiles the same sources as setup.py, and the
+module it produces loads and computes a LayerNorm.
+
+Slow (a full compile): skipped when LAYERNORM_EXT_SKIP_CMAKE_TEST=1 or when cmake / a C++
+compiler is missing. CUDA sources are compiled when a toolkit is found, for one arch
+(LAYERNORM_EXT_CMAKE_CUDA_ARCH, default 90) to bound CI time.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+pytestmark = pytest.mark.skipif(
+    os.environ.get("LAYERNORM_EXT_SKIP_CMAKE_TEST") == "1"
+    or shutil.which("cmake") is None
+    or shutil.which(os.environ.get("CXX", "c++")) is None,
+    reason="CMake build test disabled (LAYERNORM_EXT_SKIP_CMAKE_TEST=1) or cmake/c++ missing",
+)
+
+
+def _ninja() -> str | None:
+    try:
+        import ninja  # noqa: PLC0415
+
+        return str(Path(ninja.BIN_DIR) / "ninja")
+    except ImportError:
+        return shutil.which("ninja")
+
+
+def test_cmake_build_configures_compiles_and_loads(tmp_path: Path) -> None:
+    build = tmp_path / "build"
+    pkg = tmp_path / "pkg" / "layernorm_ext"
+    pkg.mkdir(parents=True)
+    cmd = [
+        "cmake",
+        "-S",
+        str(ROOT),
+        "-B",
+        str(build),
+        f"-DPython3_EXECUTABLE={sys.executable}",
+        f"-DLAYERNORM_EXT_OUTPUT_DIR={pkg}",
+        f"-DCMAKE_CUDA_ARCHITECTURES={os.environ.get('LAYERNORM_EXT_CMAKE_CUDA_ARCH', '90')}",
+    ]
+    ninja = _ninja()
+    if ninja:
+        cmd += ["-G", "Ninja", f"-DCMAKE_MAKE_PROGRAM={ninja}"]
+    configure = subprocess.run(cmd, capture_output=True, text=True)
+    assert configure.returncode == 0, configure.stdout[-4000:] + configure.stderr[-4000:]
+    jobs = os.environ.get("MAX_JOBS", str(os.cpu_count() or 1))
+    built = subprocess.run(
+        ["cmake", "--build", str(build), "-j", jobs], capture_output=True, text=True
+    )
+    assert built.returncode == 0, built.stdout[-6000:] + built.stderr[-4000:]
+    assert list(pkg.glob("_C*.so")), "CMake produced no _C module"
+
+    # Load the CMake-built module as the package, in a fresh interpreter.
+    for py in (ROOT / "layernorm_ext").glob("*.py"):
+        shutil.copy(py, pkg / py.name)
+    probe = (
+        "import torch, layernorm_ext as L\n"
+        "assert L.__file__.startswith(%r), L.__file__\n"
+        "x = torch.tensor([[1., 2., 3., 4.], [5., 6., 7., 8.]])\n"
+        "ref = torch.nn.functional.layer_norm(x.double(), (4,)).float()\n"
+        "torch.testing.assert_close(L.layer_norm(x, (4,)), ref, atol=1e-6, rtol=1e-6)\n"
+        "print(L.cpu_capability())\n"
+    ) % str(pkg)
+    env = dict(os.environ, PYTHONPATH=str(pkg.parent))
+    run = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, env=env, cwd=tmp_path
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
