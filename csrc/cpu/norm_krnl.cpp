@@ -281,25 +281,17 @@ struct CascadeSum {
   }
 };
 
-// Reduces the cascade and its partial chunk to S scalars (fixed order).
+// Reduces the cascade and its partial chunk to S scalars: occupied levels from the smallest up,
+// then the lanes by the vector's fixed pairwise horizontal sum.
 template <typename V, int S, typename A>
-inline void cascade_finish(CascadeSum<V, S>& cs, A* out) {
-  constexpr int L = V::kSize;
+inline void cascade_finish(const CascadeSum<V, S>& cs, A* out) {
   V acc[S];
   for (int s = 0; s < S; ++s) acc[s] = cs.chunk[s];
-  for (int lvl = 0; lvl < kLevels; ++lvl) {
-    if ((cs.occupied >> lvl) & 1u) {
-      for (int s = 0; s < S; ++s) acc[s] = acc[s] + cs.level[lvl][s];
-    }
+  for (uint64_t bits = cs.occupied; bits != 0; bits &= bits - 1) {
+    const int lvl = __builtin_ctzll(bits);
+    for (int s = 0; s < S; ++s) acc[s] = acc[s] + cs.level[lvl][s];
   }
-  for (int s = 0; s < S; ++s) {
-    A lanes[L];
-    acc[s].store_lanes(lanes);
-    for (int width = L / 2; width >= 1; width /= 2) {
-      for (int i = 0; i < width; ++i) lanes[i] += lanes[i + width];
-    }
-    out[s] = lanes[0];
-  }
+  for (int s = 0; s < S; ++s) out[s] = acc[s].sum();
 }
 
 // Mean of squares of one row (RMSNorm). Nothing cancels in a sum of squares, so blocked pairwise
@@ -455,21 +447,43 @@ void fwd_rows(const FwdParams& p, int64_t begin, int64_t end) {
 // With xhat = (x - mean) * rstd and g = dy * w (w = 1 without weight):
 //   dx = rstd * (g - mean(g) - xhat * mean(g * xhat))      (RMSNorm: without the mean(g) term)
 //   dw += dy * xhat, db += dy, per column, accumulated in the same pass while the row is in L1.
+// One vector of the backward at element i (n < 0: a full vector; else the first n elements).
+template <NormKind K, WMode kW, typename V, typename T, typename P>
+struct BwdVec {
+  V dy;
+  V xhat;
+  V g;
+  static BwdVec load(const T* xr, const T* dyr, const P* w, int64_t i, int n, const V& vmean,
+                     const V& vrstd) {
+    BwdVec b;
+    const V xv = n < 0 ? V::load(xr + i) : V::load_partial(xr + i, n);
+    b.dy = n < 0 ? V::load(dyr + i) : V::load_partial(dyr + i, n);
+    b.xhat = K == NormKind::kLayerNorm ? (xv - vmean) * vrstd : xv * vrstd;
+    if (n >= 0) b.xhat = b.xhat.first(n);
+    b.g = b.dy;
+    if constexpr (kW != WMode::kNone) {
+      b.g = b.dy * effective_weight<kW>(n < 0 ? V::load(w + i) : V::load_partial(w + i, n));
+    }
+    return b;
+  }
+};
+
 template <NormKind K, WMode kW, typename T, typename P>
-void bwd_rows(const BwdParams& p, int64_t begin, int64_t end, void* dw_acc_v, void* db_acc_v) {
+void bwd_rows_impl(const BwdParams& p, const P* w, int64_t begin, int64_t end, acc_t<T>* dw_acc,
+                   acc_t<T>* db_acc) {
   using A = acc_t<T>;
   using V = Vec<A>;
+  using BV = BwdVec<K, kW, V, T, P>;
   constexpr int L = V::kSize;
   constexpr bool kLN = K == NormKind::kLayerNorm;
   const int64_t N = p.N;
+  const int64_t nfull = N / L;
+  const int tail = static_cast<int>(N % L);
   const T* dy = static_cast<const T*>(p.dy);
   const T* x = static_cast<const T*>(p.x);
   const A* mean_in = static_cast<const A*>(p.mean);
   const A* rstd_in = static_cast<const A*>(p.rstd);
-  const P* w = static_cast<const P*>(p.weight);
   T* dx = static_cast<T*>(p.dx);
-  A* dw_acc = static_cast<A*>(dw_acc_v);
-  A* db_acc = static_cast<A*>(db_acc_v);
   const A inv_n = A(1) / static_cast<A>(N);
 
   for (int64_t r = begin; r < end; ++r) {
@@ -480,73 +494,90 @@ void bwd_rows(const BwdParams& p, int64_t begin, int64_t end, void* dw_acc_v, vo
     const V vmean = V::set1(mean);
     const V vrstd = V::set1(rstd);
 
-    // Pass 1: sums over the row (and the parameter-gradient partials).
-    A sums[2] = {A(0), A(0)};  // sum(g), sum(g * xhat)
-    int64_t i = 0;
-    if (N >= L) {
-      CascadeSum<V, 2> cs;
-      for (; i + L <= N; i += L) {
-        const V xv = V::load(xr + i);
-        const V dyv = V::load(dyr + i);
-        const V xhat = kLN ? (xv - vmean) * vrstd : xv * vrstd;
-        V g = dyv;
-        if constexpr (kW != WMode::kNone) g = dyv * effective_weight<kW>(V::load(w + i));
-        cs.chunk[0] = cs.chunk[0] + g;
-        cs.chunk[1] = madd(g, xhat, cs.chunk[1]);
-        cs.step();
-        if (dw_acc != nullptr) madd(dyv, xhat, V::load(dw_acc + i)).store(dw_acc + i);
-        if (db_acc != nullptr) (V::load(db_acc + i) + dyv).store(db_acc + i);
+    // Pass 1: sum(g) and sum(g * xhat) in blocked pairwise form (two accumulator pairs per chunk
+    // of kChunk vectors, chunk totals into the cascade), plus the parameter-gradient partials.
+    auto grad_partials = [&](const BV& b, int64_t i, int n) {
+      if (dw_acc != nullptr) {
+        if (n < 0) {
+          madd(b.dy, b.xhat, V::load(dw_acc + i)).store(dw_acc + i);
+        } else {
+          madd(b.dy, b.xhat, V::load_partial(dw_acc + i, n)).store_partial(dw_acc + i, n);
+        }
       }
-      cascade_finish(cs, sums);
+      if (db_acc != nullptr) {
+        if (n < 0) {
+          (V::load(db_acc + i) + b.dy).store(db_acc + i);
+        } else {
+          (V::load_partial(db_acc + i, n) + b.dy).store_partial(db_acc + i, n);
+        }
+      }
+    };
+    CascadeSum<V, 2> cs;
+    int64_t v = 0;
+    while (v < nfull) {
+      const int64_t chunk_end = std::min(nfull, v + kChunk);
+      V a[2][2] = {{V::zero(), V::zero()}, {V::zero(), V::zero()}};
+      for (int u = 0; v < chunk_end; ++v, u ^= 1) {
+        const BV b = BV::load(xr, dyr, w, v * L, -1, vmean, vrstd);
+        a[u][0] = a[u][0] + b.g;
+        a[u][1] = madd(b.g, b.xhat, a[u][1]);
+        grad_partials(b, v * L, -1);
+      }
+      cs.chunk[0] = a[0][0] + a[1][0];
+      cs.chunk[1] = a[0][1] + a[1][1];
+      cs.in_chunk = kChunk - 1;
+      cs.step();
     }
-    A tail[2] = {A(0), A(0)};
-    const int64_t body = i;
-    // Scalar math: as above, per element.
-    for (; i < N; ++i) {
-      const A xv = load_acc(xr + i);
-      const A dyv = load_acc(dyr + i);
-      const A xhat = kLN ? (xv - mean) * rstd : xv * rstd;
-      A g = dyv;
-      if constexpr (kW != WMode::kNone) {
-        A wv = load_acc(w + i);
-        if constexpr (kW == WMode::kPlusOne) wv = wv + A(1);
-        g = dyv * wv;
-      }
-      tail[0] += g;
-      tail[1] = madd(g, xhat, tail[1]);
-      if (dw_acc != nullptr) dw_acc[i] = madd(dyv, xhat, dw_acc[i]);
-      if (db_acc != nullptr) db_acc[i] += dyv;
+    if (tail > 0) {
+      const BV b = BV::load(xr, dyr, w, nfull * L, tail, vmean, vrstd);
+      cs.chunk[0] = cs.chunk[0] + b.g;
+      cs.chunk[1] = madd(b.g, b.xhat, cs.chunk[1]);
+      grad_partials(b, nfull * L, tail);
     }
     if (dx == nullptr) {
       continue;
     }
-    // Pass 2: dx, with the row still in cache.
-    const A mean_g = kLN ? (sums[0] + tail[0]) * inv_n : A(0);
-    const A mean_gx = (sums[1] + tail[1]) * inv_n;
-    const V vmean_g = V::set1(mean_g);
-    const V vneg_mean_gx = V::set1(-mean_gx);
+    A sums[2];
+    cascade_finish(cs, sums);
+
+    // Pass 2: dx = rstd * ((g - mean(g)) - xhat * mean(g * xhat)), the row still in cache.
+    const V vmean_g = V::set1(kLN ? sums[0] * inv_n : A(0));
+    const V vneg_mean_gx = V::set1(-(sums[1] * inv_n));
     T* dxr = dx + r * p.dx_stride;
-    for (i = 0; i < body; i += L) {
-      const V xv = V::load(xr + i);
-      const V dyv = V::load(dyr + i);
-      const V xhat = kLN ? (xv - vmean) * vrstd : xv * vrstd;
-      V g = dyv;
-      if constexpr (kW != WMode::kNone) g = dyv * effective_weight<kW>(V::load(w + i));
-      (madd(xhat, vneg_mean_gx, g - vmean_g) * vrstd).store(dxr + i);
+    for (v = 0; v < nfull; ++v) {
+      const BV b = BV::load(xr, dyr, w, v * L, -1, vmean, vrstd);
+      (madd(b.xhat, vneg_mean_gx, b.g - vmean_g) * vrstd).store(dxr + v * L);
     }
-    for (; i < N; ++i) {
-      const A xv = load_acc(xr + i);
-      const A dyv = load_acc(dyr + i);
-      const A xhat = kLN ? (xv - mean) * rstd : xv * rstd;
-      A g = dyv;
-      if constexpr (kW != WMode::kNone) {
-        A wv = load_acc(w + i);
-        if constexpr (kW == WMode::kPlusOne) wv = wv + A(1);
-        g = dyv * wv;
-      }
-      store_acc(dxr + i, madd(xhat, -mean_gx, g - mean_g) * rstd);
+    if (tail > 0) {
+      const BV b = BV::load(xr, dyr, w, nfull * L, tail, vmean, vrstd);
+      (madd(b.xhat, vneg_mean_gx, b.g - vmean_g) * vrstd).store_partial(dxr + nfull * L, tail);
     }
   }
+}
+
+// fp16 / bf16 weights are widened to fp32 once per task, as in the forward.
+template <NormKind K, WMode kW, typename T, typename P>
+void bwd_rows(const BwdParams& p, int64_t begin, int64_t end, void* dw_acc, void* db_acc) {
+  using A = acc_t<T>;
+  const P* w = static_cast<const P*>(p.weight);
+  A* dwa = static_cast<A*>(dw_acc);
+  A* dba = static_cast<A*>(db_acc);
+  if constexpr (!std::is_same_v<P, A> && kW != WMode::kNone) {
+    if (end - begin > 1) {
+      using V = Vec<A>;
+      constexpr int L = V::kSize;
+      const int64_t N = p.N;
+      std::unique_ptr<A[]> wf(new A[N]);
+      int64_t i = 0;
+      for (; i + L <= N; i += L) effective_weight<kW>(V::load(w + i)).store(wf.get() + i);
+      if (i < N) {
+        const int n = static_cast<int>(N - i);
+        effective_weight<kW>(V::load_partial(w + i, n)).store_partial(wf.get() + i, n);
+      }
+      return bwd_rows_impl<K, WMode::kPlain, T, A>(p, wf.get(), begin, end, dwa, dba);
+    }
+  }
+  bwd_rows_impl<K, kW, T, P>(p, w, begin, end, dwa, dba);
 }
 
 // Column sums of partial rows in a fixed pairwise tree, then a single rounding to P.
