@@ -76,7 +76,7 @@ class LayerNormFunction : public torch::autograd::Function<LayerNormFunction> {
         grad_out, input, normalized_shape_of(input, normalized_ndim), saved[3], saved[4],
         weight.defined() ? OptTensor(weight) : std::nullopt,
         bias.defined() ? OptTensor(bias) : std::nullopt, zero_centered_weight,
-        {need_input, need_weight, need_bias});
+        {need_input, need_weight, need_bias}, std::nullopt);
     return {grad_or_undefined(need_input, dx), at::Tensor(), grad_or_undefined(need_weight, dw),
             grad_or_undefined(need_bias, db), at::Tensor(), at::Tensor()};
   }
@@ -112,11 +112,114 @@ class RMSNormFunction : public torch::autograd::Function<RMSNormFunction> {
     auto [dx, dw] = ops::rms_norm_bwd().call(
         grad_out, input, normalized_shape_of(input, normalized_ndim), saved[2],
         weight.defined() ? OptTensor(weight) : std::nullopt, zero_centered_weight,
-        {need_input, need_weight});
+        {need_input, need_weight}, std::nullopt);
     return {grad_or_undefined(need_input, dx), at::Tensor(), grad_or_undefined(need_weight, dw),
             at::Tensor(), at::Tensor()};
   }
 };
+
+// Fused residual add + norm. Both outputs are differentiable; the norm's backward runs on the
+// saved sum (residual_out, an output, so no reference cycle) and adds the gradient of
+// residual_out in the same kernel. input and residual receive the same gradient.
+class AddNormFunction : public torch::autograd::Function<AddNormFunction> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& input,
+                               const at::Tensor& residual, c10::SymIntArrayRef normalized_shape,
+                               const OptTensor& weight, const OptTensor& bias,
+                               std::optional<double> eps, bool zero_centered_weight, bool rms) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    at::Tensor out, residual_out, mean, rstd;
+    if (rms) {
+      std::tie(out, residual_out, rstd) = ops::add_rms_norm_fwd().call(
+          input, residual, normalized_shape, weight, eps, zero_centered_weight);
+    } else {
+      std::tie(out, residual_out, mean, rstd) = ops::add_layer_norm_fwd().call(
+          input, residual, normalized_shape, weight, bias, eps.value(), zero_centered_weight);
+    }
+    ctx->save_for_backward({residual_out, weight.value_or(at::Tensor()),
+                            bias.value_or(at::Tensor()), mean, rstd});
+    ctx->saved_data["normalized_ndim"] = static_cast<int64_t>(normalized_shape.size());
+    ctx->saved_data["zero_centered_weight"] = zero_centered_weight;
+    ctx->saved_data["rms"] = rms;
+    return {out, residual_out};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    const variable_list saved = ctx->get_saved_variables();
+    const at::Tensor& sum = saved[0];
+    const at::Tensor& weight = saved[1];
+    const at::Tensor& bias = saved[2];
+    const int64_t normalized_ndim = ctx->saved_data["normalized_ndim"].toInt();
+    const bool zero_centered_weight = ctx->saved_data["zero_centered_weight"].toBool();
+    const bool rms = ctx->saved_data["rms"].toBool();
+    size_t edge = 0;
+    const bool need_input = ctx->needs_input_grad(edge++);
+    const bool need_residual = ctx->needs_input_grad(edge++);
+    const bool need_weight = weight.defined() && ctx->needs_input_grad(edge++);
+    const bool need_bias = bias.defined() && ctx->needs_input_grad(edge++);
+    const bool need_sum = need_input || need_residual;
+    variable_list grads(8);
+    if (!(need_sum || need_weight || need_bias)) {
+      return grads;
+    }
+    const at::Tensor& grad_out = grad_outputs[0];
+    const OptTensor grad_residual =
+        grad_outputs[1].defined() ? OptTensor(grad_outputs[1]) : std::nullopt;
+    const auto shape = normalized_shape_of(sum, normalized_ndim);
+    const OptTensor w = weight.defined() ? OptTensor(weight) : std::nullopt;
+    at::Tensor dsum, dw, db;
+    if (rms) {
+      std::tie(dsum, dw) = ops::rms_norm_bwd().call(grad_out, sum, shape, saved[4], w,
+                                                    zero_centered_weight,
+                                                    {need_sum, need_weight}, grad_residual);
+    } else {
+      std::tie(dsum, dw, db) = ops::layer_norm_bwd().call(
+          grad_out, sum, shape, saved[3], saved[4], w,
+          bias.defined() ? OptTensor(bias) : std::nullopt, zero_centered_weight,
+          {need_sum, need_weight, need_bias}, grad_residual);
+    }
+    // Two distinct tensors: autograd may accumulate into one of them in place.
+    grads[0] = need_input ? dsum : at::Tensor();
+    grads[1] = need_residual ? (need_input ? dsum.clone() : dsum) : at::Tensor();
+    grads[3] = grad_or_undefined(need_weight, dw);
+    grads[4] = grad_or_undefined(need_bias, db);
+    return grads;
+  }
+};
+
+bool any_requires_grad(const at::Tensor& a, const at::Tensor& b, const OptTensor& weight,
+                       const OptTensor& bias) {
+  return any_requires_grad(a, weight, bias) || (at::GradMode::is_enabled() && b.requires_grad());
+}
+
+std::tuple<at::Tensor, at::Tensor> add_layer_norm_autograd(
+    const at::Tensor& input, const at::Tensor& residual, c10::SymIntArrayRef normalized_shape,
+    const OptTensor& weight, const OptTensor& bias, double eps, bool zero_centered_weight) {
+  if (!any_requires_grad(input, residual, weight, bias)) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return ops::add_layer_norm().call(input, residual, normalized_shape, weight, bias, eps,
+                                      zero_centered_weight);
+  }
+  auto outs = AddNormFunction::apply(input, residual, normalized_shape, weight, bias,
+                                     std::optional<double>(eps), zero_centered_weight, false);
+  return {outs[0], outs[1]};
+}
+
+std::tuple<at::Tensor, at::Tensor> add_rms_norm_autograd(const at::Tensor& input,
+                                                         const at::Tensor& residual,
+                                                         c10::SymIntArrayRef normalized_shape,
+                                                         const OptTensor& weight,
+                                                         std::optional<double> eps,
+                                                         bool zero_centered_weight) {
+  if (!any_requires_grad(input, residual, weight, std::nullopt)) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return ops::add_rms_norm().call(input, residual, normalized_shape, weight, eps,
+                                    zero_centered_weight);
+  }
+  auto outs = AddNormFunction::apply(input, residual, normalized_shape, weight, std::nullopt,
+                                     eps, zero_centered_weight, true);
+  return {outs[0], outs[1]};
+}
 
 at::Tensor layer_norm_autograd(const at::Tensor& input, c10::SymIntArrayRef normalized_shape,
                                const OptTensor& weight, const OptTensor& bias, double eps,
@@ -145,15 +248,21 @@ at::Tensor rms_norm_autograd(const at::Tensor& input, c10::SymIntArrayRef normal
 TORCH_LIBRARY_IMPL(layernorm_ext, Autograd, m) {
   m.impl("layer_norm", TORCH_FN(layer_norm_autograd));
   m.impl("rms_norm", TORCH_FN(rms_norm_autograd));
-  for (const char* name : {"layer_norm.out", "layer_norm_fwd", "layer_norm_bwd", "rms_norm.out",
-                           "rms_norm_fwd", "rms_norm_bwd"}) {
+  m.impl("add_layer_norm", TORCH_FN(add_layer_norm_autograd));
+  m.impl("add_rms_norm", TORCH_FN(add_rms_norm_autograd));
+  for (const char* name :
+       {"layer_norm.out", "layer_norm_fwd", "layer_norm_bwd", "rms_norm.out", "rms_norm_fwd",
+        "rms_norm_bwd", "add_layer_norm_fwd", "add_rms_norm_fwd", "add_layer_norm_inplace",
+        "add_rms_norm_inplace"}) {
     m.impl(name, torch::autograd::autogradNotImplementedFallback());
   }
 }
 
 TORCH_LIBRARY_IMPL(layernorm_ext, ADInplaceOrView, m) {
-  // out= overloads mutate `out`: bump its version counter like any in-place op.
-  for (const char* name : {"layer_norm.out", "rms_norm.out"}) {
+  // out= / in-place ops mutate their (a!) / (b!) arguments: bump version counters like any
+  // in-place op.
+  for (const char* name :
+       {"layer_norm.out", "rms_norm.out", "add_layer_norm_inplace", "add_rms_norm_inplace"}) {
     m.impl(name, torch::autograd::autogradNotImplementedInplaceOrViewFallback());
   }
 }

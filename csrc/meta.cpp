@@ -37,6 +37,20 @@ at::Tensor param_grad(bool requested, const OptTensor& param, const at::Tensor& 
   return not_requested_meta(input);
 }
 
+void check_same_as_input(const char* op, const at::Tensor& input, const at::Tensor& t,
+                         const char* name) {
+  TORCH_CHECK(t.sym_sizes().equals(input.sym_sizes()), op, ": expected ", name,
+              " to have the input's shape ", input.sym_sizes(), ", but got ", t.sym_sizes());
+  TORCH_CHECK(t.scalar_type() == input.scalar_type(), op, ": expected ", name,
+              " to have the input's dtype (", input.scalar_type(), "), but got ", t.scalar_type());
+}
+
+void check_grad_residual(const char* op, const at::Tensor& input, const OptTensor& g) {
+  if (g.has_value() && g->defined()) {
+    check_same_as_input(op, input, *g, "grad_residual");
+  }
+}
+
 at::Tensor layer_norm_meta(const at::Tensor& input, c10::SymIntArrayRef normalized_shape,
                            const OptTensor& weight, const OptTensor& bias, double /*eps*/,
                            bool /*zero_centered_weight*/) {
@@ -63,11 +77,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_meta(
 std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_meta(
     const at::Tensor& grad_out, const at::Tensor& input, c10::SymIntArrayRef normalized_shape,
     const at::Tensor& mean, const at::Tensor& rstd, const OptTensor& weight, const OptTensor& bias,
-    bool /*zero_centered_weight*/, std::array<bool, 3> output_mask) {
+    bool /*zero_centered_weight*/, std::array<bool, 3> output_mask,
+    const OptTensor& grad_residual) {
   const char* op = "layernorm_ext::layer_norm_bwd";
   check_norm_inputs(op, input, normalized_shape, weight, bias);
   check_norm_backward_inputs(op, grad_out, input, static_cast<int64_t>(normalized_shape.size()),
                              mean, rstd);
+  check_grad_residual(op, input, grad_residual);
   return {output_mask[0] ? empty_like_input(input) : not_requested_meta(input),
           param_grad(output_mask[1], weight, input), param_grad(output_mask[2], bias, input)};
 }
@@ -102,18 +118,89 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_bwd_meta(const at::Tensor& grad_out,
                                                      const at::Tensor& rstd,
                                                      const OptTensor& weight,
                                                      bool /*zero_centered_weight*/,
-                                                     std::array<bool, 2> output_mask) {
+                                                     std::array<bool, 2> output_mask,
+                                                     const OptTensor& grad_residual) {
   const char* op = "layernorm_ext::rms_norm_bwd";
   check_norm_inputs(op, input, normalized_shape, weight, std::nullopt);
   check_norm_backward_inputs(op, grad_out, input, static_cast<int64_t>(normalized_shape.size()),
                              std::nullopt, rstd);
+  check_grad_residual(op, input, grad_residual);
   return {output_mask[0] ? empty_like_input(input) : not_requested_meta(input),
           param_grad(output_mask[1], weight, input)};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layer_norm_fwd_meta(
+    const at::Tensor& input, const at::Tensor& residual, c10::SymIntArrayRef normalized_shape,
+    const OptTensor& weight, const OptTensor& bias, double /*eps*/,
+    bool /*zero_centered_weight*/) {
+  const char* op = "layernorm_ext::add_layer_norm";
+  check_norm_inputs(op, input, normalized_shape, weight, bias);
+  check_same_as_input(op, input, residual, "residual");
+  const int64_t nd = static_cast<int64_t>(normalized_shape.size());
+  return {empty_like_input(input), empty_like_input(input), stat(input, nd), stat(input, nd)};
+}
+
+std::tuple<at::Tensor, at::Tensor> add_layer_norm_meta(const at::Tensor& input,
+                                                       const at::Tensor& residual,
+                                                       c10::SymIntArrayRef normalized_shape,
+                                                       const OptTensor& weight,
+                                                       const OptTensor& bias, double eps,
+                                                       bool zero_centered_weight) {
+  auto r = add_layer_norm_fwd_meta(input, residual, normalized_shape, weight, bias, eps,
+                                   zero_centered_weight);
+  return {std::get<0>(r), std::get<1>(r)};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> add_rms_norm_fwd_meta(
+    const at::Tensor& input, const at::Tensor& residual, c10::SymIntArrayRef normalized_shape,
+    const OptTensor& weight, std::optional<double> /*eps*/, bool /*zero_centered_weight*/) {
+  const char* op = "layernorm_ext::add_rms_norm";
+  check_norm_inputs(op, input, normalized_shape, weight, std::nullopt);
+  check_same_as_input(op, input, residual, "residual");
+  const int64_t nd = static_cast<int64_t>(normalized_shape.size());
+  return {empty_like_input(input), empty_like_input(input), stat(input, nd)};
+}
+
+std::tuple<at::Tensor, at::Tensor> add_rms_norm_meta(const at::Tensor& input,
+                                                     const at::Tensor& residual,
+                                                     c10::SymIntArrayRef normalized_shape,
+                                                     const OptTensor& weight,
+                                                     std::optional<double> eps,
+                                                     bool zero_centered_weight) {
+  auto r = add_rms_norm_fwd_meta(input, residual, normalized_shape, weight, eps,
+                                 zero_centered_weight);
+  return {std::get<0>(r), std::get<1>(r)};
+}
+
+void add_layer_norm_inplace_meta(const at::Tensor& input, at::Tensor& residual,
+                                 c10::SymIntArrayRef normalized_shape, const OptTensor& weight,
+                                 const OptTensor& bias, double /*eps*/,
+                                 bool /*zero_centered_weight*/, at::Tensor& out) {
+  const char* op = "layernorm_ext::add_layer_norm_inplace";
+  check_norm_inputs(op, input, normalized_shape, weight, bias);
+  check_same_as_input(op, input, residual, "residual");
+  check_and_resize_out(op, input, out);
+}
+
+void add_rms_norm_inplace_meta(const at::Tensor& input, at::Tensor& residual,
+                               c10::SymIntArrayRef normalized_shape, const OptTensor& weight,
+                               std::optional<double> /*eps*/, bool /*zero_centered_weight*/,
+                               at::Tensor& out) {
+  const char* op = "layernorm_ext::add_rms_norm_inplace";
+  check_norm_inputs(op, input, normalized_shape, weight, std::nullopt);
+  check_same_as_input(op, input, residual, "residual");
+  check_and_resize_out(op, input, out);
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(layernorm_ext, Meta, m) {
+  m.impl("add_layer_norm", TORCH_FN(add_layer_norm_meta));
+  m.impl("add_layer_norm_fwd", TORCH_FN(add_layer_norm_fwd_meta));
+  m.impl("add_layer_norm_inplace", TORCH_FN(add_layer_norm_inplace_meta));
+  m.impl("add_rms_norm", TORCH_FN(add_rms_norm_meta));
+  m.impl("add_rms_norm_fwd", TORCH_FN(add_rms_norm_fwd_meta));
+  m.impl("add_rms_norm_inplace", TORCH_FN(add_rms_norm_inplace_meta));
   m.impl("layer_norm", TORCH_FN(layer_norm_meta));
   m.impl("layer_norm.out", TORCH_FN(layer_norm_out_meta));
   m.impl("layer_norm_fwd", TORCH_FN(layer_norm_fwd_meta));

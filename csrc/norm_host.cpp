@@ -2,11 +2,14 @@
 
 #include "cpu/large_alloc.h"
 
+#include <ATen/ops/add.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/zeros_like.h>
 
 #include <limits>
+#include <tuple>
+#include <utility>
 
 namespace layernorm_ext {
 
@@ -37,11 +40,38 @@ double rms_eps(const at::Tensor& input, std::optional<double> eps) {
 
 at::Tensor not_requested(const at::Tensor& input) { return at::empty({0}, input.options()); }
 
+namespace {
+
+// Rows of a tensor the kernel writes: the tensor itself when its rows do not overlap, else a
+// contiguous temporary that finish_forward copies back.
+std::pair<at::Tensor, int64_t> writable_rows(const at::Tensor& t, int64_t nd, int64_t M, int64_t N) {
+  const int64_t s = row_stride_or_neg(t, nd);
+  if (s >= 0 && (M <= 1 || s >= N)) {
+    return {t, s};
+  }
+  return {at::empty(t.sizes(), t.options().memory_format(at::MemoryFormat::Contiguous)), N};
+}
+
+void check_residual(const char* op, const at::Tensor& input, const at::Tensor& residual,
+                    const char* name) {
+  TORCH_CHECK(residual.sym_sizes().equals(input.sym_sizes()), op, ": expected ", name,
+              " to have the input's shape ", input.sym_sizes(), ", but got ", residual.sym_sizes());
+  TORCH_CHECK(residual.scalar_type() == input.scalar_type(), op, ": expected ", name,
+              " to have the input's dtype (", input.scalar_type(), "), but got ",
+              residual.scalar_type());
+  TORCH_CHECK(residual.device() == input.device(), op,
+              ": Expected all tensors to be on the same device, but found at least two devices, ",
+              input.device(), " and ", residual.device(), "!");
+}
+
+}  // namespace
+
 FwdProblem prepare_forward(Norm kind, const at::Tensor& input, c10::SymIntArrayRef normalized_shape,
                            const std::optional<at::Tensor>& weight,
                            const std::optional<at::Tensor>& bias, double eps,
-                           bool zero_centered_weight, bool want_stats, const at::Tensor* out) {
-  const char* op = op_name(kind);
+                           bool zero_centered_weight, bool want_stats, const FwdExtras& extras,
+                           bool fuse_add) {
+  const char* op = extras.op != nullptr ? extras.op : op_name(kind);
   check_norm_inputs(op, input, normalized_shape, weight, bias);
   const int64_t nd = static_cast<int64_t>(normalized_shape.size());
   const RowShape shape = row_shape(input, nd);
@@ -50,25 +80,50 @@ FwdProblem prepare_forward(Norm kind, const at::Tensor& input, c10::SymIntArrayR
   p.kind = kind;
   p.M = shape.M;
   p.N = shape.N;
-  Rows rows = as_rows(input, nd);
-  p.x = std::move(rows.data);
-  p.x_stride = rows.stride;
   p.weight = contiguous_param(weight);
   p.bias = kind == Norm::kLayerNorm ? contiguous_param(bias) : at::Tensor();
   p.eps = eps;
   p.zero_centered_weight = zero_centered_weight;
   p.combo = dtype_combo(input.scalar_type(), p.weight, p.bias);
 
-  bool direct = false;
-  if (out != nullptr) {
-    check_and_resize_out(op, input, *out);
-    const int64_t s = row_stride_or_neg(*out, nd);
-    // Write in place only where rows do not overlap.
-    direct = s >= 0 && (p.M <= 1 || s >= p.N);
-    if (direct) {
-      p.y = *out;
-      p.y_stride = s;
+  if (extras.residual != nullptr) {
+    check_residual(op, input, *extras.residual, "residual");
+    TORCH_CHECK(extras.out == nullptr || extras.residual_out == nullptr ||
+                    !extras.out->is_same(*extras.residual_out),
+                op, ": out and the updated residual must be different tensors");
+    if (extras.residual_out != nullptr && !extras.residual_out->is_same(*extras.residual)) {
+      check_residual(op, input, *extras.residual_out, "residual_out");
     }
+    if (extras.residual_out != nullptr) {
+      std::tie(p.residual_out, p.residual_out_stride) =
+          writable_rows(*extras.residual_out, nd, p.M, p.N);
+    } else {
+      p.residual_out = cpu::empty_output(input.sizes(), input.options());
+      p.residual_out_stride = p.N;
+    }
+  }
+  if (extras.residual != nullptr && !fuse_add) {
+    // The backend normalises a precomputed sum: same rounding (one add in the storage dtype).
+    at::add_out(p.residual_out, input, *extras.residual);
+    Rows rows = as_rows(p.residual_out, nd);
+    p.x = std::move(rows.data);
+    p.x_stride = rows.stride;
+  } else {
+    Rows rows = as_rows(input, nd);
+    p.x = std::move(rows.data);
+    p.x_stride = rows.stride;
+    if (extras.residual != nullptr) {
+      Rows res = as_rows(*extras.residual, nd);
+      p.residual = std::move(res.data);
+      p.residual_stride = res.stride;
+    }
+  }
+
+  bool direct = false;
+  if (extras.out != nullptr) {
+    check_and_resize_out(op, input, *extras.out);
+    std::tie(p.y, p.y_stride) = writable_rows(*extras.out, nd, p.M, p.N);
+    direct = true;
   }
   if (!direct) {
     p.y = cpu::empty_output(input.sizes(), input.options());
@@ -91,9 +146,12 @@ FwdProblem prepare_forward(Norm kind, const at::Tensor& input, c10::SymIntArrayR
   return p;
 }
 
-void finish_forward(const FwdProblem& p, const at::Tensor* out) {
-  if (out != nullptr && !p.y.is_same(*out)) {
-    out->copy_(p.y);
+void finish_forward(const FwdProblem& p, const FwdExtras& extras) {
+  if (extras.out != nullptr && !p.y.is_same(*extras.out)) {
+    extras.out->copy_(p.y);
+  }
+  if (extras.residual_out != nullptr && !p.residual_out.is_same(*extras.residual_out)) {
+    extras.residual_out->copy_(p.residual_out);
   }
 }
 
@@ -102,7 +160,8 @@ BwdProblem prepare_backward(Norm kind, const at::Tensor& grad_out, const at::Ten
                             const std::optional<at::Tensor>& mean, const at::Tensor& rstd,
                             const std::optional<at::Tensor>& weight,
                             const std::optional<at::Tensor>& bias, bool zero_centered_weight,
-                            std::array<bool, 3> output_mask) {
+                            std::array<bool, 3> output_mask,
+                            const std::optional<at::Tensor>& grad_residual, bool fuse_add) {
   const char* op = kind == Norm::kLayerNorm ? "layernorm_ext::layer_norm_bwd"
                                             : "layernorm_ext::rms_norm_bwd";
   check_norm_inputs(op, input, normalized_shape, weight, bias);
@@ -131,6 +190,14 @@ BwdProblem prepare_backward(Norm kind, const at::Tensor& grad_out, const at::Ten
 
   if (output_mask[0]) {
     p.dx = cpu::empty_output(input.sizes(), input.options());
+    if (grad_residual.has_value() && grad_residual->defined()) {
+      check_residual(op, input, *grad_residual, "grad_residual");
+      if (fuse_add) {
+        Rows g = as_rows(*grad_residual, nd);
+        p.grad_residual = std::move(g.data);
+        p.grad_residual_stride = g.stride;
+      }
+    }
   }
   // With no rows the parameter gradients are sums over nothing: zeros, not garbage.
   if (output_mask[1] && p.weight.defined()) {
@@ -140,6 +207,13 @@ BwdProblem prepare_backward(Norm kind, const at::Tensor& grad_out, const at::Ten
     p.dbias = p.M == 0 ? at::zeros_like(b) : at::empty_like(b);
   }
   return p;
+}
+
+void finish_backward(BwdProblem& p, const std::optional<at::Tensor>& grad_residual,
+                     bool fuse_add) {
+  if (!fuse_add && p.dx.defined() && grad_residual.has_value() && grad_residual->defined()) {
+    p.dx.add_(*grad_residual);
+  }
 }
 
 }  // namespace layernorm_ext

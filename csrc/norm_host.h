@@ -38,6 +38,12 @@ struct FwdProblem {
   int64_t y_stride;
   at::Tensor mean;  // [M] accumulation type, or undefined (not requested / RMSNorm)
   at::Tensor rstd;  // [M] accumulation type, or undefined (not requested)
+  // Fused residual add (undefined when absent): residual_out = input + residual is written first,
+  // then normalised. x is then the input's rows and the kernel reads residual_out for statistics.
+  at::Tensor residual;
+  int64_t residual_stride = 0;
+  at::Tensor residual_out;  // rows residual_out_stride apart
+  int64_t residual_out_stride = 0;
   double eps;
   bool zero_centered_weight;
   int combo;
@@ -56,6 +62,8 @@ struct BwdProblem {
   at::Tensor rstd;  // contiguous [M]
   at::Tensor weight;
   at::Tensor dx;  // contiguous, input's shape
+  at::Tensor grad_residual;  // rows of the gradient of residual_out (fused add), or undefined
+  int64_t grad_residual_stride = 0;
   at::Tensor dweight;
   at::Tensor dbias;
   bool zero_centered_weight;
@@ -69,27 +77,48 @@ using BwdLauncher = void (*)(const BwdProblem&);
 // (fp32 for fp16 / bf16 / fp32 input, fp64 for fp64).
 double rms_eps(const at::Tensor& input, std::optional<double> eps);
 
-// `out` (optional) is an out= tensor to write into; stats are allocated when want_stats.
+// Optional tensors of a forward call.
+struct FwdExtras {
+  const at::Tensor* out = nullptr;           // out= for the normalised result
+  const at::Tensor* residual = nullptr;      // fused residual add
+  const at::Tensor* residual_out = nullptr;  // where input + residual goes (may be `residual`)
+  const char* op = nullptr;                  // op name for messages (default: layer_norm / rms_norm)
+};
+
+// Validates and lays out a forward call; stats are allocated when want_stats. With a residual and
+// `fuse_add` false, residual_out is computed here (at::add) and the launcher sees a plain norm of
+// it: for backends whose kernels do not fuse the add yet.
 FwdProblem prepare_forward(Norm kind, const at::Tensor& input, c10::SymIntArrayRef normalized_shape,
                            const std::optional<at::Tensor>& weight,
                            const std::optional<at::Tensor>& bias, double eps,
-                           bool zero_centered_weight, bool want_stats, const at::Tensor* out);
+                           bool zero_centered_weight, bool want_stats,
+                           const FwdExtras& extras = {}, bool fuse_add = true);
 
-// Copies the result into `out` if the launcher had to write into a temporary.
-void finish_forward(const FwdProblem& p, const at::Tensor* out);
+// Copies results into caller-provided tensors if the launcher had to write into temporaries.
+void finish_forward(const FwdProblem& p, const FwdExtras& extras);
 
+// grad_residual: gradient of residual_out of a fused add, added into dx (by the kernel when
+// fuse_add, else here after the launch, see finish_backward).
 BwdProblem prepare_backward(Norm kind, const at::Tensor& grad_out, const at::Tensor& input,
                             c10::SymIntArrayRef normalized_shape,
                             const std::optional<at::Tensor>& mean, const at::Tensor& rstd,
                             const std::optional<at::Tensor>& weight,
                             const std::optional<at::Tensor>& bias, bool zero_centered_weight,
-                            std::array<bool, 3> output_mask);
+                            std::array<bool, 3> output_mask,
+                            const std::optional<at::Tensor>& grad_residual, bool fuse_add);
+
+// For backends that do not fuse the residual gradient: dx += grad_residual.
+void finish_backward(BwdProblem& p, const std::optional<at::Tensor>& grad_residual,
+                     bool fuse_add);
 
 // A gradient that was not requested comes back as an empty 1-D tensor (a fixed, simple shape
 // for the fake kernels); the autograd layer turns it into "no gradient".
 at::Tensor not_requested(const at::Tensor& input);
 
 // --- Op bodies, instantiated by each backend with its launchers. ------------------------------
+// kFusedAdd: the backend's kernels implement FwdProblem::residual and BwdProblem::grad_residual.
+// It defaults to false so that a backend which does not know about them still computes the
+// right thing (the host adds, unfused).
 
 template <FwdLauncher Launch>
 at::Tensor layer_norm_impl(const at::Tensor& input, c10::SymIntArrayRef normalized_shape,
@@ -97,7 +126,7 @@ at::Tensor layer_norm_impl(const at::Tensor& input, c10::SymIntArrayRef normaliz
                            const std::optional<at::Tensor>& bias, double eps,
                            bool zero_centered_weight) {
   FwdProblem p = prepare_forward(Norm::kLayerNorm, input, normalized_shape, weight, bias, eps,
-                                 zero_centered_weight, /*want_stats=*/false, nullptr);
+                                 zero_centered_weight, /*want_stats=*/false);
   Launch(p);
   return p.y;
 }
@@ -107,10 +136,12 @@ at::Tensor& layer_norm_out_impl(const at::Tensor& input, c10::SymIntArrayRef nor
                                 const std::optional<at::Tensor>& weight,
                                 const std::optional<at::Tensor>& bias, double eps,
                                 bool zero_centered_weight, at::Tensor& out) {
+  FwdExtras extras;
+  extras.out = &out;
   FwdProblem p = prepare_forward(Norm::kLayerNorm, input, normalized_shape, weight, bias, eps,
-                                 zero_centered_weight, /*want_stats=*/false, &out);
+                                 zero_centered_weight, /*want_stats=*/false, extras);
   Launch(p);
-  finish_forward(p, &out);
+  finish_forward(p, extras);
   return out;
 }
 
@@ -120,20 +151,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_impl(
     const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias, double eps,
     bool zero_centered_weight) {
   FwdProblem p = prepare_forward(Norm::kLayerNorm, input, normalized_shape, weight, bias, eps,
-                                 zero_centered_weight, /*want_stats=*/true, nullptr);
+                                 zero_centered_weight, /*want_stats=*/true);
   Launch(p);
   return {p.y, p.mean, p.rstd};
 }
 
-template <BwdLauncher Launch>
+template <BwdLauncher Launch, bool kFusedAdd = false>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_impl(
     const at::Tensor& grad_out, const at::Tensor& input, c10::SymIntArrayRef normalized_shape,
     const at::Tensor& mean, const at::Tensor& rstd, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, bool zero_centered_weight,
-    std::array<bool, 3> output_mask) {
+    std::array<bool, 3> output_mask, const std::optional<at::Tensor>& grad_residual) {
   BwdProblem p = prepare_backward(Norm::kLayerNorm, grad_out, input, normalized_shape, mean, rstd,
-                                  weight, bias, zero_centered_weight, output_mask);
+                                  weight, bias, zero_centered_weight, output_mask, grad_residual,
+                                  kFusedAdd);
   Launch(p);
+  finish_backward(p, grad_residual, kFusedAdd);
   return {p.dx.defined() ? p.dx : not_requested(input),
           p.dweight.defined() ? p.dweight : not_requested(input),
           p.dbias.defined() ? p.dbias : not_requested(input)};
@@ -144,7 +177,7 @@ at::Tensor rms_norm_impl(const at::Tensor& input, c10::SymIntArrayRef normalized
                          const std::optional<at::Tensor>& weight, std::optional<double> eps,
                          bool zero_centered_weight) {
   FwdProblem p = prepare_forward(Norm::kRMSNorm, input, normalized_shape, weight, std::nullopt,
-                                 rms_eps(input, eps), zero_centered_weight, false, nullptr);
+                                 rms_eps(input, eps), zero_centered_weight, false);
   Launch(p);
   return p.y;
 }
@@ -153,10 +186,12 @@ template <FwdLauncher Launch>
 at::Tensor& rms_norm_out_impl(const at::Tensor& input, c10::SymIntArrayRef normalized_shape,
                               const std::optional<at::Tensor>& weight, std::optional<double> eps,
                               bool zero_centered_weight, at::Tensor& out) {
+  FwdExtras extras;
+  extras.out = &out;
   FwdProblem p = prepare_forward(Norm::kRMSNorm, input, normalized_shape, weight, std::nullopt,
-                                 rms_eps(input, eps), zero_centered_weight, false, &out);
+                                 rms_eps(input, eps), zero_centered_weight, false, extras);
   Launch(p);
-  finish_forward(p, &out);
+  finish_forward(p, extras);
   return out;
 }
 
@@ -167,26 +202,127 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_fwd_impl(const at::Tensor& input,
                                                      std::optional<double> eps,
                                                      bool zero_centered_weight) {
   FwdProblem p = prepare_forward(Norm::kRMSNorm, input, normalized_shape, weight, std::nullopt,
-                                 rms_eps(input, eps), zero_centered_weight, true, nullptr);
+                                 rms_eps(input, eps), zero_centered_weight, true);
   Launch(p);
   return {p.y, p.rstd};
 }
 
-template <BwdLauncher Launch>
-std::tuple<at::Tensor, at::Tensor> rms_norm_bwd_impl(const at::Tensor& grad_out,
-                                                     const at::Tensor& input,
-                                                     c10::SymIntArrayRef normalized_shape,
-                                                     const at::Tensor& rstd,
-                                                     const std::optional<at::Tensor>& weight,
-                                                     bool zero_centered_weight,
-                                                     std::array<bool, 2> output_mask) {
-  BwdProblem p =
-      prepare_backward(Norm::kRMSNorm, grad_out, input, normalized_shape, std::nullopt, rstd,
-                       weight, std::nullopt, zero_centered_weight,
-                       {output_mask[0], output_mask[1], false});
+template <BwdLauncher Launch, bool kFusedAdd = false>
+std::tuple<at::Tensor, at::Tensor> rms_norm_bwd_impl(
+    const at::Tensor& grad_out, const at::Tensor& input, c10::SymIntArrayRef normalized_shape,
+    const at::Tensor& rstd, const std::optional<at::Tensor>& weight, bool zero_centered_weight,
+    std::array<bool, 2> output_mask, const std::optional<at::Tensor>& grad_residual) {
+  BwdProblem p = prepare_backward(Norm::kRMSNorm, grad_out, input, normalized_shape, std::nullopt,
+                                  rstd, weight, std::nullopt, zero_centered_weight,
+                                  {output_mask[0], output_mask[1], false}, grad_residual,
+                                  kFusedAdd);
   Launch(p);
+  finish_backward(p, grad_residual, kFusedAdd);
   return {p.dx.defined() ? p.dx : not_requested(input),
           p.dweight.defined() ? p.dweight : not_requested(input)};
+}
+
+// --- Fused residual add + norm. -----------------------------------------------------------------
+
+template <FwdLauncher Launch, bool kFusedAdd = false>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_norm_fwd_impl(
+    Norm kind, const at::Tensor& input, const at::Tensor& residual,
+    c10::SymIntArrayRef normalized_shape, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, double eps, bool zero_centered_weight,
+    bool want_stats) {
+  FwdExtras extras;
+  extras.residual = &residual;
+  extras.op = kind == Norm::kLayerNorm ? "layernorm_ext::add_layer_norm"
+                                       : "layernorm_ext::add_rms_norm";
+  FwdProblem p = prepare_forward(kind, input, normalized_shape, weight, bias, eps,
+                                 zero_centered_weight, want_stats, extras, kFusedAdd);
+  Launch(p);
+  return {p.y, p.residual_out, p.mean, p.rstd};
+}
+
+template <FwdLauncher Launch, bool kFusedAdd = false>
+std::tuple<at::Tensor, at::Tensor> add_layer_norm_impl(
+    const at::Tensor& input, const at::Tensor& residual, c10::SymIntArrayRef normalized_shape,
+    const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias, double eps,
+    bool zero_centered_weight) {
+  auto r = add_norm_fwd_impl<Launch, kFusedAdd>(Norm::kLayerNorm, input, residual,
+                                                normalized_shape, weight, bias, eps,
+                                                zero_centered_weight, false);
+  return {std::get<0>(r), std::get<1>(r)};
+}
+
+template <FwdLauncher Launch, bool kFusedAdd = false>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layer_norm_fwd_impl(
+    const at::Tensor& input, const at::Tensor& residual, c10::SymIntArrayRef normalized_shape,
+    const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias, double eps,
+    bool zero_centered_weight) {
+  return add_norm_fwd_impl<Launch, kFusedAdd>(Norm::kLayerNorm, input, residual, normalized_shape,
+                                              weight, bias, eps, zero_centered_weight, true);
+}
+
+template <FwdLauncher Launch, bool kFusedAdd = false>
+std::tuple<at::Tensor, at::Tensor> add_rms_norm_impl(const at::Tensor& input,
+                                                     const at::Tensor& residual,
+                                                     c10::SymIntArrayRef normalized_shape,
+                                                     const std::optional<at::Tensor>& weight,
+                                                     std::optional<double> eps,
+                                                     bool zero_centered_weight) {
+  auto r = add_norm_fwd_impl<Launch, kFusedAdd>(Norm::kRMSNorm, input, residual, normalized_shape,
+                                                weight, std::nullopt, rms_eps(input, eps),
+                                                zero_centered_weight, false);
+  return {std::get<0>(r), std::get<1>(r)};
+}
+
+template <FwdLauncher Launch, bool kFusedAdd = false>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> add_rms_norm_fwd_impl(
+    const at::Tensor& input, const at::Tensor& residual, c10::SymIntArrayRef normalized_shape,
+    const std::optional<at::Tensor>& weight, std::optional<double> eps,
+    bool zero_centered_weight) {
+  auto r = add_norm_fwd_impl<Launch, kFusedAdd>(Norm::kRMSNorm, input, residual, normalized_shape,
+                                                weight, std::nullopt, rms_eps(input, eps),
+                                                zero_centered_weight, true);
+  return {std::get<0>(r), std::get<1>(r), std::get<3>(r)};
+}
+
+// In place, for inference: residual <- input + residual, out <- norm(residual). `out` may be
+// `input` itself (each row is read before it is overwritten).
+template <FwdLauncher Launch, bool kFusedAdd = false>
+void add_norm_inplace_impl(Norm kind, const at::Tensor& input, at::Tensor& residual,
+                           c10::SymIntArrayRef normalized_shape,
+                           const std::optional<at::Tensor>& weight,
+                           const std::optional<at::Tensor>& bias, double eps,
+                           bool zero_centered_weight, at::Tensor& out) {
+  FwdExtras extras;
+  extras.out = &out;
+  extras.residual = &residual;
+  extras.residual_out = &residual;
+  extras.op = kind == Norm::kLayerNorm ? "layernorm_ext::add_layer_norm_"
+                                       : "layernorm_ext::add_rms_norm_";
+  FwdProblem p = prepare_forward(kind, input, normalized_shape, weight, bias, eps,
+                                 zero_centered_weight, false, extras, kFusedAdd);
+  Launch(p);
+  finish_forward(p, extras);
+}
+
+template <FwdLauncher Launch, bool kFusedAdd = false>
+void add_layer_norm_inplace_impl(const at::Tensor& input, at::Tensor& residual,
+                                 c10::SymIntArrayRef normalized_shape,
+                                 const std::optional<at::Tensor>& weight,
+                                 const std::optional<at::Tensor>& bias, double eps,
+                                 bool zero_centered_weight, at::Tensor& out) {
+  add_norm_inplace_impl<Launch, kFusedAdd>(Norm::kLayerNorm, input, residual, normalized_shape,
+                                           weight, bias, eps, zero_centered_weight, out);
+}
+
+template <FwdLauncher Launch, bool kFusedAdd = false>
+void add_rms_norm_inplace_impl(const at::Tensor& input, at::Tensor& residual,
+                               c10::SymIntArrayRef normalized_shape,
+                               const std::optional<at::Tensor>& weight,
+                               std::optional<double> eps, bool zero_centered_weight,
+                               at::Tensor& out) {
+  add_norm_inplace_impl<Launch, kFusedAdd>(Norm::kRMSNorm, input, residual, normalized_shape,
+                                           weight, std::nullopt, rms_eps(input, eps),
+                                           zero_centered_weight, out);
 }
 
 }  // namespace layernorm_ext

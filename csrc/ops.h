@@ -38,7 +38,8 @@ inline auto& layer_norm_bwd() {
           .findSchemaOrThrow("layernorm_ext::layer_norm_bwd", "")
           .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
               const at::Tensor&, const at::Tensor&, c10::SymIntArrayRef, const at::Tensor&,
-              const at::Tensor&, const OptTensor&, const OptTensor&, bool, std::array<bool, 3>)>();
+              const at::Tensor&, const OptTensor&, const OptTensor&, bool, std::array<bool, 3>,
+              const OptTensor&)>();
   return op;
 }
 
@@ -65,7 +66,44 @@ inline auto& rms_norm_bwd() {
           .findSchemaOrThrow("layernorm_ext::rms_norm_bwd", "")
           .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
                                                     c10::SymIntArrayRef, const at::Tensor&,
-                                                    const OptTensor&, bool, std::array<bool, 2>)>();
+                                                    const OptTensor&, bool, std::array<bool, 2>,
+                                                    const OptTensor&)>();
+  return op;
+}
+
+inline auto& add_layer_norm() {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("layernorm_ext::add_layer_norm", "")
+                       .typed<std::tuple<at::Tensor, at::Tensor>(
+                           const at::Tensor&, const at::Tensor&, c10::SymIntArrayRef,
+                           const OptTensor&, const OptTensor&, double, bool)>();
+  return op;
+}
+
+inline auto& add_layer_norm_fwd() {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("layernorm_ext::add_layer_norm_fwd", "")
+                       .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+                           const at::Tensor&, const at::Tensor&, c10::SymIntArrayRef,
+                           const OptTensor&, const OptTensor&, double, bool)>();
+  return op;
+}
+
+inline auto& add_rms_norm() {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("layernorm_ext::add_rms_norm", "")
+                       .typed<std::tuple<at::Tensor, at::Tensor>(
+                           const at::Tensor&, const at::Tensor&, c10::SymIntArrayRef,
+                           const OptTensor&, std::optional<double>, bool)>();
+  return op;
+}
+
+inline auto& add_rms_norm_fwd() {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("layernorm_ext::add_rms_norm_fwd", "")
+                       .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+                           const at::Tensor&, const at::Tensor&, c10::SymIntArrayRef,
+                           const OptTensor&, std::optional<double>, bool)>();
   return op;
 }
 

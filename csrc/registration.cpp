@@ -46,8 +46,8 @@ TORCH_LIBRARY(layernorm_ext, m) {
   // Gradients not asked for in output_mask come back as empty 1-D tensors.
   m.def(
       "layer_norm_bwd(Tensor grad_out, Tensor input, SymInt[] normalized_shape, Tensor mean, "
-      "Tensor rstd, Tensor? weight, Tensor? bias, bool zero_centered_weight, bool[3] output_mask) "
-      "-> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias)",
+      "Tensor rstd, Tensor? weight, Tensor? bias, bool zero_centered_weight, bool[3] output_mask, "
+      "Tensor? grad_residual=None) -> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias)",
       tags);
 
   // RMSNorm: y = x / sqrt(mean(x^2) + eps) * weight. eps=None means the machine epsilon of the
@@ -66,8 +66,46 @@ TORCH_LIBRARY(layernorm_ext, m) {
       tags);
   m.def(
       "rms_norm_bwd(Tensor grad_out, Tensor input, SymInt[] normalized_shape, Tensor rstd, "
-      "Tensor? weight, bool zero_centered_weight, bool[2] output_mask) "
-      "-> (Tensor grad_input, Tensor grad_weight)",
+      "Tensor? weight, bool zero_centered_weight, bool[2] output_mask, "
+      "Tensor? grad_residual=None) -> (Tensor grad_input, Tensor grad_weight)",
+      tags);
+
+  // Fused residual add (the pre-norm transformer step): residual_out = input + residual (rounded
+  // to their dtype, like torch's add), out = norm(residual_out), in one pass over memory.
+  // Backward: the *_bwd ops above with grad_residual = the gradient of residual_out; the gradient
+  // of input and of residual is then their grad_input.
+  m.def(
+      "add_layer_norm(Tensor input, Tensor residual, SymInt[] normalized_shape, "
+      "Tensor? weight=None, Tensor? bias=None, float eps=1e-05, *, "
+      "bool zero_centered_weight=False) -> (Tensor out, Tensor residual_out)",
+      tags);
+  m.def(
+      "add_layer_norm_fwd(Tensor input, Tensor residual, SymInt[] normalized_shape, "
+      "Tensor? weight=None, Tensor? bias=None, float eps=1e-05, *, "
+      "bool zero_centered_weight=False) "
+      "-> (Tensor out, Tensor residual_out, Tensor mean, Tensor rstd)",
+      tags);
+  // Inference form: residual is updated in place (residual += input), out receives the norm;
+  // out may be input itself.
+  m.def(
+      "add_layer_norm_inplace(Tensor input, Tensor(a!) residual, SymInt[] normalized_shape, "
+      "Tensor? weight=None, Tensor? bias=None, float eps=1e-05, *, "
+      "bool zero_centered_weight=False, Tensor(b!) out) -> ()",
+      tags);
+  m.def(
+      "add_rms_norm(Tensor input, Tensor residual, SymInt[] normalized_shape, "
+      "Tensor? weight=None, float? eps=None, *, bool zero_centered_weight=False) "
+      "-> (Tensor out, Tensor residual_out)",
+      tags);
+  m.def(
+      "add_rms_norm_fwd(Tensor input, Tensor residual, SymInt[] normalized_shape, "
+      "Tensor? weight=None, float? eps=None, *, bool zero_centered_weight=False) "
+      "-> (Tensor out, Tensor residual_out, Tensor rstd)",
+      tags);
+  m.def(
+      "add_rms_norm_inplace(Tensor input, Tensor(a!) residual, SymInt[] normalized_shape, "
+      "Tensor? weight=None, float? eps=None, *, bool zero_centered_weight=False, "
+      "Tensor(b!) out) -> ()",
       tags);
 
   // CPU kernel selection (see cpu/isa.h).

@@ -11,6 +11,8 @@ import torch  # noqa: F401  (loads libtorch before the extension)
 from . import _C  # noqa: F401  (registers torch.ops.layernorm_ext)
 from ._version import __version__
 from .functional import (
+    add_layer_norm,
+    add_rms_norm,
     available_cpu_capabilities,
     cpu_capability,
     has_cuda_kernels,
@@ -18,16 +20,21 @@ from .functional import (
     rms_norm,
     set_cpu_capability,
 )
-from .modules import LayerNorm, RMSNorm
+from .modules import LayerNorm, LlamaStyleRMSNorm, RMSNorm
+from .replace import replace_norms
 
 __all__ = [
     "LayerNorm",
+    "LlamaStyleRMSNorm",
     "RMSNorm",
+    "add_layer_norm",
+    "add_rms_norm",
     "__version__",
     "available_cpu_capabilities",
     "cpu_capability",
     "has_cuda_kernels",
     "layer_norm",
+    "replace_norms",
     "rms_norm",
     "set_cpu_capability",
 ]

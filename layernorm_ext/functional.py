@@ -11,6 +11,8 @@ from collections.abc import Sequence
 import torch
 
 __all__ = [
+    "add_layer_norm",
+    "add_rms_norm",
     "available_cpu_capabilities",
     "cpu_capability",
     "has_cuda_kernels",
@@ -108,6 +110,80 @@ def rms_norm(
         return _rms_norm_fast(input, shape, weight, eps)
     return _rms_norm_out(
         input, shape, weight, eps, zero_centered_weight=zero_centered_weight, out=out
+    )
+
+
+def add_layer_norm(
+    input: torch.Tensor,
+    residual: torch.Tensor,
+    normalized_shape: ShapeLike,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    eps: float = 1e-5,
+    *,
+    zero_centered_weight: bool = False,
+    inplace: bool = False,
+    out: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused pre-norm step: ``residual_out = input + residual``, ``out = layer_norm(residual_out)``.
+
+    One pass over memory instead of an add followed by a norm; the results are bitwise those of
+    ``layer_norm(input + residual, ...)`` (the sum is rounded to the inputs' dtype first, as
+    torch's add does). ``input`` and ``residual`` must have the same shape and dtype.
+
+    Args:
+        input, residual: tensors of shape ``[*, *normalized_shape]``, same dtype.
+        normalized_shape, weight, bias, eps, zero_centered_weight: as :func:`layer_norm`.
+        inplace: update ``residual`` in place with the sum (inference; not differentiable).
+        out: with ``inplace``, where to write the normalised result (may be ``input`` itself).
+
+    Returns:
+        ``(out, residual_out)``. Autograd flows through both (unless ``inplace``).
+    """
+    shape = (normalized_shape,) if isinstance(normalized_shape, int) else normalized_shape
+    if inplace:
+        if out is None:
+            out = torch.empty_like(input, memory_format=torch.contiguous_format)
+        _ops.add_layer_norm_inplace(
+            input, residual, shape, weight, bias, eps,
+            zero_centered_weight=zero_centered_weight, out=out,
+        )  # fmt: skip
+        return out, residual
+    if out is not None:
+        raise ValueError("add_layer_norm: out= is supported together with inplace=True")
+    return _ops.add_layer_norm.default(
+        input, residual, shape, weight, bias, eps, zero_centered_weight=zero_centered_weight
+    )
+
+
+def add_rms_norm(
+    input: torch.Tensor,
+    residual: torch.Tensor,
+    normalized_shape: ShapeLike,
+    weight: torch.Tensor | None = None,
+    eps: float | None = None,
+    *,
+    zero_centered_weight: bool = False,
+    inplace: bool = False,
+    out: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused ``residual_out = input + residual``, ``out = rms_norm(residual_out)``.
+
+    Same contract as :func:`add_layer_norm`, with :func:`rms_norm`'s arguments.
+    """
+    shape = (normalized_shape,) if isinstance(normalized_shape, int) else normalized_shape
+    if inplace:
+        if out is None:
+            out = torch.empty_like(input, memory_format=torch.contiguous_format)
+        _ops.add_rms_norm_inplace(
+            input, residual, shape, weight, eps,
+            zero_centered_weight=zero_centered_weight, out=out,
+        )  # fmt: skip
+        return out, residual
+    if out is not None:
+        raise ValueError("add_rms_norm: out= is supported together with inplace=True")
+    return _ops.add_rms_norm.default(
+        input, residual, shape, weight, eps, zero_centered_weight=zero_centered_weight
     )
 
 

@@ -3,6 +3,8 @@
 They subclass the torch modules, so the constructor, parameters, ``reset_parameters``,
 ``extra_repr`` and state_dict keys are torch's own (a state_dict saved from either loads into the
 other, and ``isinstance(m, torch.nn.LayerNorm)`` still holds); only ``forward`` runs our kernels.
+One keyword is added: ``zero_centered_weight`` (scale by ``1 + weight``, Gemma style; the weight
+then starts at zero).
 """
 
 from __future__ import annotations
@@ -11,26 +13,89 @@ import torch
 
 from .functional import layer_norm, rms_norm
 
-__all__ = ["LayerNorm", "RMSNorm"]
+__all__ = ["LayerNorm", "LlamaStyleRMSNorm", "RMSNorm"]
 
 
 class LayerNorm(torch.nn.LayerNorm):
     """Drop-in for :class:`torch.nn.LayerNorm` backed by layernorm_ext kernels.
 
     Args are torch's: ``normalized_shape, eps=1e-5, elementwise_affine=True, bias=True,
-    device=None, dtype=None``.
+    device=None, dtype=None``, plus ``zero_centered_weight=False``.
     """
 
+    zero_centered_weight: bool = False
+
+    def __init__(self, *args, zero_centered_weight: bool = False, **kwargs) -> None:
+        self.zero_centered_weight = zero_centered_weight
+        super().__init__(*args, **kwargs)
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        if self.zero_centered_weight and self.weight is not None:
+            torch.nn.init.zeros_(self.weight)
+
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if self.zero_centered_weight:
+            return layer_norm(
+                input, self.normalized_shape, self.weight, self.bias, self.eps,
+                zero_centered_weight=True,
+            )  # fmt: skip
         return layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
+
+    def extra_repr(self) -> str:
+        zc = ", zero_centered_weight=True" if self.zero_centered_weight else ""
+        return super().extra_repr() + zc
 
 
 class RMSNorm(torch.nn.RMSNorm):
     """Drop-in for :class:`torch.nn.RMSNorm` backed by layernorm_ext kernels.
 
     Args are torch's: ``normalized_shape, eps=None, elementwise_affine=True, device=None,
-    dtype=None``.
+    dtype=None``, plus ``zero_centered_weight=False``. Everything is computed in fp32 and rounded
+    once to the input's dtype.
     """
 
+    zero_centered_weight: bool = False
+
+    def __init__(self, *args, zero_centered_weight: bool = False, **kwargs) -> None:
+        self.zero_centered_weight = zero_centered_weight
+        super().__init__(*args, **kwargs)
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        if self.zero_centered_weight and self.weight is not None:
+            torch.nn.init.zeros_(self.weight)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.zero_centered_weight:
+            return rms_norm(x, self.normalized_shape, self.weight, self.eps, zero_centered_weight=True)
         return rms_norm(x, self.normalized_shape, self.weight, self.eps)
+
+    def extra_repr(self) -> str:
+        zc = ", zero_centered_weight=True" if self.zero_centered_weight else ""
+        return super().extra_repr() + zc
+
+
+class LlamaStyleRMSNorm(torch.nn.Module):
+    """The RMSNorm of Llama / Mistral / Qwen-style model code, with its exact rounding points.
+
+    Those modules normalise in fp32, round the normalised activations to the input's dtype, and
+    only then multiply by ``weight`` (in torch's promoted dtype). This module reproduces that:
+    our kernel computes and rounds the normalised activations, torch does the weight product.
+
+    Args:
+        weight: the scale, of shape ``[hidden]`` (shared with the module it replaces).
+        eps: the epsilon (``variance_epsilon`` in those modules).
+    """
+
+    def __init__(self, weight: torch.nn.Parameter, eps: float) -> None:
+        super().__init__()
+        self.weight = weight
+        self.variance_epsilon = eps
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        normed = rms_norm(hidden_states, (hidden_states.shape[-1],), None, self.variance_epsilon)
+        return self.weight * normed
+
+    def extra_repr(self) -> str:
+        return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}"

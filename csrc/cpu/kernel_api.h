@@ -40,6 +40,12 @@ struct FwdParams {
   int64_t y_stride = 0;
   void* mean = nullptr;  // [M] accumulation type, or null (not saved)
   void* rstd = nullptr;  // [M] accumulation type, or null (not saved)
+  // Fused residual add (or null): the kernel first writes residual_out = x + residual (rounded
+  // to the storage dtype) and normalises that. Same dtype as x.
+  const void* residual = nullptr;
+  int64_t residual_stride = 0;
+  void* residual_out = nullptr;
+  int64_t residual_out_stride = 0;
   int64_t N = 0;
   double eps = 0.0;
   // Gemma-style weight: y = xhat * (1 + w). Folded in fp32, per element, never into the weight.
@@ -58,6 +64,9 @@ struct BwdParams {
   const void* weight = nullptr;  // [N] or null
   void* dx = nullptr;            // [M, N] with row stride dx_stride, or null (not requested)
   int64_t dx_stride = 0;
+  // Gradient of residual_out of a fused residual add (or null), added into dx.
+  const void* grad_residual = nullptr;
+  int64_t grad_residual_stride = 0;
   int64_t N = 0;
   bool zero_centered_weight = false;
 };

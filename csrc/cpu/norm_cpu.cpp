@@ -34,6 +34,12 @@ void launch_forward_cpu(const FwdProblem& p) {
   k.y_stride = p.y_stride;
   k.mean = p.mean.defined() ? p.mean.mutable_data_ptr() : nullptr;
   k.rstd = p.rstd.defined() ? p.rstd.mutable_data_ptr() : nullptr;
+  if (p.residual.defined()) {
+    k.residual = p.residual.const_data_ptr();
+    k.residual_stride = p.residual_stride;
+    k.residual_out = p.residual_out.mutable_data_ptr();
+    k.residual_out_stride = p.residual_out_stride;
+  }
   k.N = p.N;
   k.eps = p.eps;
   k.zero_centered_weight = p.zero_centered_weight;
@@ -65,6 +71,10 @@ void launch_backward_cpu(const BwdProblem& p) {
   k.weight = p.weight.defined() ? p.weight.const_data_ptr() : nullptr;
   k.dx = p.dx.defined() ? p.dx.mutable_data_ptr() : nullptr;
   k.dx_stride = p.N;
+  if (p.grad_residual.defined()) {
+    k.grad_residual = p.grad_residual.const_data_ptr();
+    k.grad_residual_stride = p.grad_residual_stride;
+  }
   k.N = p.N;
   k.zero_centered_weight = p.zero_centered_weight;
   const cpu::KernelTable& table = cpu::active_table();
@@ -113,11 +123,18 @@ TORCH_LIBRARY_IMPL(layernorm_ext, CPU, m) {
   m.impl("layer_norm", TORCH_FN(layer_norm_impl<launch_forward_cpu>));
   m.impl("layer_norm.out", TORCH_FN(layer_norm_out_impl<launch_forward_cpu>));
   m.impl("layer_norm_fwd", TORCH_FN(layer_norm_fwd_impl<launch_forward_cpu>));
-  m.impl("layer_norm_bwd", TORCH_FN(layer_norm_bwd_impl<launch_backward_cpu>));
+  m.impl("layer_norm_bwd", TORCH_FN((layer_norm_bwd_impl<launch_backward_cpu, true>)));
   m.impl("rms_norm", TORCH_FN(rms_norm_impl<launch_forward_cpu>));
   m.impl("rms_norm.out", TORCH_FN(rms_norm_out_impl<launch_forward_cpu>));
   m.impl("rms_norm_fwd", TORCH_FN(rms_norm_fwd_impl<launch_forward_cpu>));
-  m.impl("rms_norm_bwd", TORCH_FN(rms_norm_bwd_impl<launch_backward_cpu>));
+  m.impl("rms_norm_bwd", TORCH_FN((rms_norm_bwd_impl<launch_backward_cpu, true>)));
+  m.impl("add_layer_norm", TORCH_FN((add_layer_norm_impl<launch_forward_cpu, true>)));
+  m.impl("add_layer_norm_fwd", TORCH_FN((add_layer_norm_fwd_impl<launch_forward_cpu, true>)));
+  m.impl("add_layer_norm_inplace",
+         TORCH_FN((add_layer_norm_inplace_impl<launch_forward_cpu, true>)));
+  m.impl("add_rms_norm", TORCH_FN((add_rms_norm_impl<launch_forward_cpu, true>)));
+  m.impl("add_rms_norm_fwd", TORCH_FN((add_rms_norm_fwd_impl<launch_forward_cpu, true>)));
+  m.impl("add_rms_norm_inplace", TORCH_FN((add_rms_norm_inplace_impl<launch_forward_cpu, true>)));
 }
 
 }  // namespace layernorm_ext

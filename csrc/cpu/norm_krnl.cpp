@@ -384,6 +384,19 @@ inline void apply_row(const T* x, const P* w, const P* b, T* y, int64_t N, A shi
   }
 }
 
+// s = a + b elementwise in the accumulation type, rounded once to T (as torch's add).
+template <typename T, typename A = acc_t<T>>
+inline void add_row(const T* a, const T* b, T* s, int64_t N) {
+  using V = Vec<A>;
+  constexpr int L = V::kSize;
+  int64_t i = 0;
+  for (; i + L <= N; i += L) (V::load(a + i) + V::load(b + i)).store(s + i);
+  if (i < N) {
+    const int n = static_cast<int>(N - i);
+    (V::load_partial(a + i, n) + V::load_partial(b + i, n)).store_partial(s + i, n);
+  }
+}
+
 template <NormKind K, WMode kW, bool kB, typename T, typename P>
 void fwd_rows_impl(const FwdParams& p, const P* w, const P* b, int64_t begin, int64_t end) {
   using A = acc_t<T>;
@@ -393,8 +406,18 @@ void fwd_rows_impl(const FwdParams& p, const P* w, const P* b, int64_t begin, in
   A* mean_out = static_cast<A*>(p.mean);
   A* rstd_out = static_cast<A*>(p.rstd);
   const A eps = static_cast<A>(p.eps);
+  const T* res = static_cast<const T*>(p.residual);
+  T* res_out = static_cast<T*>(p.residual_out);
   for (int64_t r = begin; r < end; ++r) {
     const T* xr = x + r * p.x_stride;
+    if (res != nullptr) {
+      // Fused residual add: s = x + residual, rounded to the storage dtype and stored as
+      // residual_out; the rounded s (re-read from L1) is what gets normalised, so the result is
+      // bitwise the unfused norm(x + residual).
+      T* sr = res_out + r * p.residual_out_stride;
+      add_row(xr, res + r * p.residual_stride, sr, N);
+      xr = sr;
+    }
     RowMoments<A> mo{A(0), A(0), A(0)};
     A rstd;
     if constexpr (K == NormKind::kLayerNorm) {
@@ -484,6 +507,7 @@ void bwd_rows_impl(const BwdParams& p, const P* w, int64_t begin, int64_t end, a
   const A* mean_in = static_cast<const A*>(p.mean);
   const A* rstd_in = static_cast<const A*>(p.rstd);
   T* dx = static_cast<T*>(p.dx);
+  const T* dres = static_cast<const T*>(p.grad_residual);
   const A inv_n = A(1) / static_cast<A>(N);
 
   for (int64_t r = begin; r < end; ++r) {
@@ -544,13 +568,20 @@ void bwd_rows_impl(const BwdParams& p, const P* w, int64_t begin, int64_t end, a
     const V vmean_g = V::set1(kLN ? sums[0] * inv_n : A(0));
     const V vneg_mean_gx = V::set1(-(sums[1] * inv_n));
     T* dxr = dx + r * p.dx_stride;
+    // Fused residual: the gradient reaching the sum s = x + residual is the norm's dx plus the
+    // gradient of residual_out, added in fp32 before the single rounding.
+    const T* dresr = dres != nullptr ? dres + r * p.grad_residual_stride : nullptr;
     for (v = 0; v < nfull; ++v) {
       const BV b = BV::load(xr, dyr, w, v * L, -1, vmean, vrstd);
-      (madd(b.xhat, vneg_mean_gx, b.g - vmean_g) * vrstd).store(dxr + v * L);
+      V g = madd(b.xhat, vneg_mean_gx, b.g - vmean_g) * vrstd;
+      if (dresr != nullptr) g = g + V::load(dresr + v * L);
+      g.store(dxr + v * L);
     }
     if (tail > 0) {
       const BV b = BV::load(xr, dyr, w, nfull * L, tail, vmean, vrstd);
-      (madd(b.xhat, vneg_mean_gx, b.g - vmean_g) * vrstd).store_partial(dxr + nfull * L, tail);
+      V g = madd(b.xhat, vneg_mean_gx, b.g - vmean_g) * vrstd;
+      if (dresr != nullptr) g = g + V::load_partial(dresr + nfull * L, tail);
+      g.store_partial(dxr + nfull * L, tail);
     }
   }
 }
