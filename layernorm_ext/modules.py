@@ -16,16 +16,15 @@ from .functional import layer_norm, rms_norm
 __all__ = ["LayerNorm", "LlamaStyleRMSNorm", "RMSNorm"]
 
 
-class LayerNorm(torch.nn.LayerNorm):
-    """Drop-in for :class:`torch.nn.LayerNorm` backed by layernorm_ext kernels.
-
-    Args are torch's: ``normalized_shape, eps=1e-5, elementwise_affine=True, bias=True,
-    device=None, dtype=None``, plus ``zero_centered_weight=False``.
-    """
+class _ZeroCenteredWeight:
+    """The ``zero_centered_weight`` keyword shared by both modules: with it the effective scale
+    is ``1 + weight``, so the weight is initialised to zero (identity scale) instead of one."""
 
     zero_centered_weight: bool = False
+    weight: torch.nn.Parameter | None
 
     def __init__(self, *args, zero_centered_weight: bool = False, **kwargs) -> None:
+        # Set before the torch constructor runs, since it calls reset_parameters().
         self.zero_centered_weight = zero_centered_weight
         super().__init__(*args, **kwargs)
 
@@ -33,6 +32,18 @@ class LayerNorm(torch.nn.LayerNorm):
         super().reset_parameters()
         if self.zero_centered_weight and self.weight is not None:
             torch.nn.init.zeros_(self.weight)
+
+    def extra_repr(self) -> str:
+        zc = ", zero_centered_weight=True" if self.zero_centered_weight else ""
+        return super().extra_repr() + zc
+
+
+class LayerNorm(_ZeroCenteredWeight, torch.nn.LayerNorm):
+    """Drop-in for :class:`torch.nn.LayerNorm` backed by layernorm_ext kernels.
+
+    Args are torch's: ``normalized_shape, eps=1e-5, elementwise_affine=True, bias=True,
+    device=None, dtype=None``, plus ``zero_centered_weight=False``.
+    """
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if self.zero_centered_weight:
@@ -42,12 +53,8 @@ class LayerNorm(torch.nn.LayerNorm):
             )  # fmt: skip
         return layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
 
-    def extra_repr(self) -> str:
-        zc = ", zero_centered_weight=True" if self.zero_centered_weight else ""
-        return super().extra_repr() + zc
 
-
-class RMSNorm(torch.nn.RMSNorm):
+class RMSNorm(_ZeroCenteredWeight, torch.nn.RMSNorm):
     """Drop-in for :class:`torch.nn.RMSNorm` backed by layernorm_ext kernels.
 
     Args are torch's: ``normalized_shape, eps=None, elementwise_affine=True, device=None,
@@ -55,25 +62,10 @@ class RMSNorm(torch.nn.RMSNorm):
     once to the input's dtype.
     """
 
-    zero_centered_weight: bool = False
-
-    def __init__(self, *args, zero_centered_weight: bool = False, **kwargs) -> None:
-        self.zero_centered_weight = zero_centered_weight
-        super().__init__(*args, **kwargs)
-
-    def reset_parameters(self) -> None:
-        super().reset_parameters()
-        if self.zero_centered_weight and self.weight is not None:
-            torch.nn.init.zeros_(self.weight)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.zero_centered_weight:
             return rms_norm(x, self.normalized_shape, self.weight, self.eps, zero_centered_weight=True)
         return rms_norm(x, self.normalized_shape, self.weight, self.eps)
-
-    def extra_repr(self) -> str:
-        zc = ", zero_centered_weight=True" if self.zero_centered_weight else ""
-        return super().extra_repr() + zc
 
 
 class LlamaStyleRMSNorm(torch.nn.Module):
