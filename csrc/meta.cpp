@@ -58,12 +58,11 @@ at::Tensor layer_norm_meta(const at::Tensor& input, c10::SymIntArrayRef normaliz
   return empty_like_input(input);
 }
 
-at::Tensor& layer_norm_out_meta(const at::Tensor& input, c10::SymIntArrayRef normalized_shape,
-                                const OptTensor& weight, const OptTensor& bias, double /*eps*/,
-                                bool /*zero_centered_weight*/, at::Tensor& out) {
+void layer_norm_out_meta(const at::Tensor& input, c10::SymIntArrayRef normalized_shape,
+                         const OptTensor& weight, const OptTensor& bias, double /*eps*/,
+                         bool /*zero_centered_weight*/, at::Tensor& out) {
   check_norm_inputs("layernorm_ext::layer_norm", input, normalized_shape, weight, bias);
   check_and_resize_out("layernorm_ext::layer_norm", input, out);
-  return out;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_meta(
@@ -95,12 +94,11 @@ at::Tensor rms_norm_meta(const at::Tensor& input, c10::SymIntArrayRef normalized
   return empty_like_input(input);
 }
 
-at::Tensor& rms_norm_out_meta(const at::Tensor& input, c10::SymIntArrayRef normalized_shape,
-                              const OptTensor& weight, std::optional<double> /*eps*/,
-                              bool /*zero_centered_weight*/, at::Tensor& out) {
+void rms_norm_out_meta(const at::Tensor& input, c10::SymIntArrayRef normalized_shape,
+                       const OptTensor& weight, std::optional<double> /*eps*/,
+                       bool /*zero_centered_weight*/, at::Tensor& out) {
   check_norm_inputs("layernorm_ext::rms_norm", input, normalized_shape, weight, std::nullopt);
   check_and_resize_out("layernorm_ext::rms_norm", input, out);
-  return out;
 }
 
 std::tuple<at::Tensor, at::Tensor> rms_norm_fwd_meta(const at::Tensor& input,

@@ -132,7 +132,7 @@ at::Tensor layer_norm_impl(const at::Tensor& input, c10::SymIntArrayRef normaliz
 }
 
 template <FwdLauncher Launch>
-at::Tensor& layer_norm_out_impl(const at::Tensor& input, c10::SymIntArrayRef normalized_shape,
+void layer_norm_out_impl(const at::Tensor& input, c10::SymIntArrayRef normalized_shape,
                                 const std::optional<at::Tensor>& weight,
                                 const std::optional<at::Tensor>& bias, double eps,
                                 bool zero_centered_weight, at::Tensor& out) {
@@ -142,7 +142,6 @@ at::Tensor& layer_norm_out_impl(const at::Tensor& input, c10::SymIntArrayRef nor
                                  zero_centered_weight, /*want_stats=*/false, extras);
   Launch(p);
   finish_forward(p, extras);
-  return out;
 }
 
 template <FwdLauncher Launch>
@@ -183,7 +182,7 @@ at::Tensor rms_norm_impl(const at::Tensor& input, c10::SymIntArrayRef normalized
 }
 
 template <FwdLauncher Launch>
-at::Tensor& rms_norm_out_impl(const at::Tensor& input, c10::SymIntArrayRef normalized_shape,
+void rms_norm_out_impl(const at::Tensor& input, c10::SymIntArrayRef normalized_shape,
                               const std::optional<at::Tensor>& weight, std::optional<double> eps,
                               bool zero_centered_weight, at::Tensor& out) {
   FwdExtras extras;
@@ -192,7 +191,6 @@ at::Tensor& rms_norm_out_impl(const at::Tensor& input, c10::SymIntArrayRef norma
                                  rms_eps(input, eps), zero_centered_weight, false, extras);
   Launch(p);
   finish_forward(p, extras);
-  return out;
 }
 
 template <FwdLauncher Launch>

@@ -26,6 +26,9 @@ namespace layernorm_ext {
 TORCH_LIBRARY(layernorm_ext, m) {
   const std::vector<at::Tag> tags = {at::Tag::pt2_compliant_tag};
 
+  // out= overloads return nothing: torch.compile can only functionalize a custom op that writes
+  // into an argument when it does not also return it (the Python API returns `out`).
+  //
   // LayerNorm. `layer_norm` is the public op: its CPU / CUDA kernels compute y only (the
   // inference path, taken directly under no_grad / inference_mode); its Autograd kernel calls
   // layer_norm_fwd, which also returns the per-row mean and rstd saved for layer_norm_bwd.
@@ -36,7 +39,7 @@ TORCH_LIBRARY(layernorm_ext, m) {
   m.def(
       "layer_norm.out(Tensor input, SymInt[] normalized_shape, Tensor? weight=None, "
       "Tensor? bias=None, float eps=1e-05, *, bool zero_centered_weight=False, "
-      "Tensor(a!) out) -> Tensor(a!)",
+      "Tensor(a!) out) -> ()",
       tags);
   m.def(
       "layer_norm_fwd(Tensor input, SymInt[] normalized_shape, Tensor? weight=None, "
@@ -58,7 +61,7 @@ TORCH_LIBRARY(layernorm_ext, m) {
       tags);
   m.def(
       "rms_norm.out(Tensor input, SymInt[] normalized_shape, Tensor? weight=None, "
-      "float? eps=None, *, bool zero_centered_weight=False, Tensor(a!) out) -> Tensor(a!)",
+      "float? eps=None, *, bool zero_centered_weight=False, Tensor(a!) out) -> ()",
       tags);
   m.def(
       "rms_norm_fwd(Tensor input, SymInt[] normalized_shape, Tensor? weight=None, "

@@ -73,9 +73,10 @@ def layer_norm(
         if _is_compiling():
             return _layer_norm(input, shape, weight, bias, eps)
         return _layer_norm_fast(input, shape, weight, bias, eps)
-    return _layer_norm_out(
+    _layer_norm_out(
         input, shape, weight, bias, eps, zero_centered_weight=zero_centered_weight, out=out
     )
+    return out
 
 
 def rms_norm(
@@ -108,9 +109,8 @@ def rms_norm(
         if _is_compiling():
             return _rms_norm(input, shape, weight, eps)
         return _rms_norm_fast(input, shape, weight, eps)
-    return _rms_norm_out(
-        input, shape, weight, eps, zero_centered_weight=zero_centered_weight, out=out
-    )
+    _rms_norm_out(input, shape, weight, eps, zero_centered_weight=zero_centered_weight, out=out)
+    return out
 
 
 def add_layer_norm(

@@ -1,0 +1,97 @@
+"""Bitwise reproducibility (reliability.md §7, P4): the same bits for any thread count, run to
+run, and for a row whatever the batch around it (pytorch#149301: LN(x)[:-1] != LN(x[:-1]))."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from norm_testing import (
+    DTYPE_CASES,
+    DTYPE_IDS,
+    assert_bitwise_equal,
+    make_input,
+    make_params,
+    num_threads,
+)
+
+import layernorm_ext
+
+THREADS = [1, 2, 3]
+# Large enough to split across threads in the forward (several 16K-element tasks) and to use
+# many dγ / dβ row chunks in the backward.
+SIZES = [(1031, 769), (4099, 64), (37, 8192)]
+
+
+def _run(x, N, w, b, dy, fn):
+    xs = x.clone().requires_grad_()
+    ws = w.clone().requires_grad_()
+    bs = None if b is None else b.clone().requires_grad_()
+    y = fn(xs, N, ws, bs) if b is not None else fn(xs, N, ws)
+    y.backward(dy)
+    grads = [xs.grad, ws.grad] + ([] if b is None else [bs.grad])
+    return [y.detach(), *grads]
+
+
+def _ln(x, N, w, b):
+    return layernorm_ext.layer_norm(x, N, w, b)
+
+
+def _rms(x, N, w):
+    return layernorm_ext.rms_norm(x, N, w)
+
+
+@pytest.mark.parametrize("size", SIZES, ids=[f"{m}x{n}" for m, n in SIZES])
+@pytest.mark.parametrize("case", DTYPE_CASES, ids=DTYPE_IDS)
+def test_thread_count_and_repeat_invariance(isa, case, size, gen, restore_threads):
+    M, N = size
+    x = make_input((M, N), case.x, generator=gen)
+    w, b = make_params((N,), case.param, True, True, generator=gen)
+    dy = torch.randn(M, N, generator=gen).to(case.x)
+    for fn, bias, kind in ((_ln, b, "layer_norm"), (_rms, None, "rms_norm")):
+        names = ["y", "dx", "dw", "db"][: 4 if bias is not None else 3]
+        with num_threads(1):
+            golden = _run(x, N, w, bias, dy, fn)
+        for threads in THREADS:
+            with num_threads(threads):
+                for rep in range(2):
+                    got = _run(x, N, w, bias, dy, fn)
+                    for name, g, e in zip(names, got, golden, strict=True):
+                        assert_bitwise_equal(
+                            g,
+                            e,
+                            f"[{isa} {case.id} {kind} {M}x{N} threads={threads} #{rep}] {name}",
+                        )
+
+
+def test_deterministic_algorithms_mode(gen):
+    x = make_input((300, 257), torch.float32, generator=gen)
+    w, b = make_params((257,), torch.float32, True, True, generator=gen)
+    dy = torch.randn(300, 257, generator=gen)
+    golden = _run(x, 257, w, b, dy, _ln)
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        for _ in range(5):
+            for g, e in zip(_run(x, 257, w, b, dy, _ln), golden, strict=True):
+                assert_bitwise_equal(g, e, "use_deterministic_algorithms(True)")
+    finally:
+        torch.use_deterministic_algorithms(previous)
+
+
+@pytest.mark.parametrize("case", DTYPE_CASES, ids=DTYPE_IDS)
+def test_row_independence(isa, case, gen):
+    for N in (7, 64, 769):
+        x = make_input((30, N), case.x, generator=gen)
+        extra = make_input((19, N), case.x, generator=gen)
+        w, b = make_params((N,), case.param, True, True, generator=gen)
+        label = f"[{isa} {case.id} N={N}]"
+        for fn, args in ((layernorm_ext.layer_norm, (w, b)), (layernorm_ext.rms_norm, (w,))):
+            y = fn(x, N, *args)
+            for i in (0, 13, 29):
+                assert_bitwise_equal(fn(x[i : i + 1], N, *args), y[i : i + 1], f"{label} row {i}")
+            # Batch 23 vs 24 (pytorch#149301) and every prefix length around it.
+            for m in (1, 22, 23, 24, 29):
+                assert_bitwise_equal(fn(x[:m], N, *args), y[:m], f"{label} prefix {m}")
+            both = fn(torch.cat([x, extra]), N, *args)
+            assert_bitwise_equal(both[: len(x)], y, f"{label} LN(cat(x, y))[:len(x)]")
+            assert_bitwise_equal(both[len(x) :], fn(extra, N, *args), f"{label} cat tail")

@@ -1,0 +1,125 @@
+"""Exact properties that override the tolerance table (reliability.md F4, F26): a constant row
+normalises to exactly β, and N == 1 gives exactly β with zero dx and zero dγ. They fail for
+kernels that fold (x − mean)·rstd·γ + β into x·scale + shift or fuse it with an FMA
+(pytorch#108072, pytorch#73161, pytorch#188372)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from norm_testing import (
+    AFFINE,
+    DTYPE_CASES,
+    DTYPE_IDS,
+    affine_name,
+    assert_bitwise_equal,
+    make_params,
+)
+
+import layernorm_ext
+
+CONSTANTS = [0.0, 1.0, -3.5, 1234.0, 1e6, 2.0, 14.0]
+
+
+def _expected_constant_output(M, N, w, b, dtype):
+    """What a constant row must give: β exactly (0 without β), in the input's dtype."""
+    if b is None:
+        return torch.zeros(M, N, dtype=dtype)
+    return b.to(dtype).expand(M, N)
+
+
+def _assert_equals_beta(y, b, label):
+    if b is None:
+        # (x − mean) is +0, so y is ±0 (the sign of γ): compare values, not bits.
+        assert bool((y == 0).all()), f"{label}: y != 0 for a constant row: {y.flatten()[:8]}"
+    else:
+        # β in the parameter dtype, rounded once to the output dtype (mixed fp32 β): exact.
+        assert_bitwise_equal(y, b.to(y.dtype).expand_as(y).contiguous(), label)
+
+
+@pytest.mark.parametrize("case", DTYPE_CASES, ids=DTYPE_IDS)
+def test_constant_rows_give_beta(isa, case, gen):
+    for c in CONSTANTS:
+        value = torch.tensor(c).to(case.x)
+        if not torch.isfinite(value):
+            continue  # 1e6 overflows fp16: an infinite row is the NaN tests' business
+        for N in (1, 2, 7, 16, 17, 100, 1027, 4099):
+            x = torch.full((3, N), c, dtype=case.x)
+            for eps in (1e-5, 1e-6, 1e-12):
+                for has_w, has_b in AFFINE:
+                    w, b = make_params((N,), case.param, has_w, has_b, generator=gen)
+                    y = layernorm_ext.layer_norm(x, N, w, b, eps)
+                    label = f"[{isa} {case.id} c={c} N={N} eps={eps} {affine_name(has_w, has_b)}]"
+                    _assert_equals_beta(y, b, label)
+                    if has_w:
+                        yz = layernorm_ext.layer_norm(x, N, w, b, eps, zero_centered_weight=True)
+                        _assert_equals_beta(yz, b, f"{label} zcw")
+
+
+def test_constant_rows_of_a_mixed_batch(isa, gen):
+    """Constant rows next to ordinary rows; the [[2, 2], [14, 14]], eps=1e-6 case of #108072."""
+    x = torch.tensor([[2.0, 2.0], [14.0, 14.0]])
+    assert bool((layernorm_ext.layer_norm(x, 2, eps=1e-6) == 0).all())
+    for case in DTYPE_CASES:
+        N = 37
+        x = torch.randn(6, N, generator=gen).to(case.x)
+        x[1] = 1234
+        x[4] = -3.5
+        w, b = make_params((N,), case.param, True, True, generator=gen)
+        y = layernorm_ext.layer_norm(x, N, w, b)
+        for r in (1, 4):
+            _assert_equals_beta(y[r : r + 1], b, f"[{isa} {case.id}] constant row {r}")
+
+
+@pytest.mark.parametrize("case", DTYPE_CASES, ids=DTYPE_IDS)
+def test_constant_rows_eps_zero_are_nan_like_torch(isa, case):
+    x = torch.full((2, 9), 3.0, dtype=case.x)
+    y = layernorm_ext.layer_norm(x, 9, eps=0.0)
+    assert bool(torch.isnan(y).all()), "0/0: a constant row with eps=0 is NaN, as in PyTorch"
+    assert bool(torch.isnan(F.layer_norm(x, (9,), eps=0.0)).all())
+
+
+def test_fp16_zeros_tiny_eps_is_not_nan(isa):
+    """pytorch#41527: fp16 zeros with eps=1e-12 gave NaN."""
+    for dtype in (torch.float16, torch.bfloat16):
+        y = layernorm_ext.layer_norm(torch.zeros(1, 10, dtype=dtype), 10, eps=1e-12)
+        assert bool((y == 0).all()), f"{dtype}: {y}"
+
+
+@pytest.mark.parametrize("case", DTYPE_CASES, ids=DTYPE_IDS)
+def test_hidden_one_is_beta_with_zero_gradients(isa, case, gen):
+    values = torch.tensor([[-0.8], [1e6], [0.0], [3.25], [-1e-3], [65504.0], [7.0]])
+    for M in (1, 7, 300):
+        x = values.repeat(M // 7 + 1, 1)[:M].to(case.x)
+        x = x[torch.isfinite(x).flatten()]
+        dy = torch.randn(x.shape[0], 1, generator=gen).to(case.x)
+        for has_w, has_b in AFFINE:
+            w, b = make_params((1,), case.param, has_w, has_b, generator=gen)
+            label = f"[{isa} {case.id} M={M} N=1 {affine_name(has_w, has_b)}]"
+            xs = x.clone().requires_grad_(True)
+            ws = None if w is None else w.clone().requires_grad_(True)
+            bs = None if b is None else b.clone().requires_grad_(True)
+            y = layernorm_ext.layer_norm(xs, 1, ws, bs)
+            _assert_equals_beta(y.detach(), b, f"{label} y")
+            y.backward(dy)
+            assert bool((xs.grad == 0).all()), f"{label}: dx != 0: {xs.grad.flatten()[:8]}"
+            if has_w:
+                assert bool((ws.grad == 0).all()), f"{label}: dγ != 0: {ws.grad}"
+            if has_b:
+                expected = dy.double().sum(0)
+                got = bs.grad.double()
+                assert math.isclose(got.item(), expected.item(), rel_tol=2e-2, abs_tol=1e-2), (
+                    f"{label}: dβ {got.item()} != Σdy {expected.item()}"
+                )
+
+
+def test_antisymmetry_without_affine(isa, gen):
+    """LN(−x) == −LN(x) bitwise (reliability.md P2)."""
+    for case in DTYPE_CASES:
+        for N in (3, 16, 33, 1000):
+            x = torch.randn(9, N, generator=gen).to(case.x)
+            y = layernorm_ext.layer_norm(x, N)
+            assert_bitwise_equal(layernorm_ext.layer_norm(-x, N), -y, f"[{isa} {case.id} N={N}]")
