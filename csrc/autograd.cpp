@@ -11,7 +11,10 @@
 
 #include <torch/autograd.h>
 #include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
+#include <torch/csrc/autograd/variable.h>
 #include <torch/library.h>
+
+#include <vector>
 
 #include "ops.h"
 
@@ -243,6 +246,51 @@ at::Tensor rms_norm_autograd(const at::Tensor& input, c10::SymIntArrayRef normal
   return RMSNormFunction::apply(input, normalized_shape, weight, eps, zero_centered_weight);
 }
 
+// Autograd kernel of the ops that write into arguments (out= and in-place forms): like ATen's
+// out= functions they are not differentiable, and say so when an argument requires grad; below
+// autograd they reach the ADInplaceOrView kernel that bumps version counters.
+void not_differentiable_mutating(const c10::OperatorHandle& op, c10::DispatchKeySet ks,
+                                 torch::jit::Stack* stack) {
+  const auto& args = op.schema().arguments();
+  const size_t first = stack->size() - args.size();
+  if (at::GradMode::is_enabled()) {
+    for (size_t i = first; i < stack->size(); ++i) {
+      const c10::IValue& v = (*stack)[i];
+      TORCH_CHECK(!(v.isTensor() && v.toTensor().defined() && v.toTensor().requires_grad()),
+                  op.schema().name(), ".", op.schema().overload_name(),
+                  ": functions with out=... arguments don't support automatic differentiation, "
+                  "but one of the arguments requires grad.");
+    }
+  }
+  at::AutoDispatchBelowAutograd guard;
+  op.redispatchBoxed(ks & c10::after_autograd_keyset, stack);
+}
+
+// ADInplaceOrView kernel of the ops that write into arguments (out= and in-place forms): run the
+// op, then bump the version counter of every argument the schema marks as written, like ATen's
+// in-place ops. (autograd's generic fallback only bumps tensors that are also returned, and these
+// ops return nothing: torch.compile cannot functionalize a custom op that returns an alias.)
+void bump_written_versions(const c10::OperatorHandle& op, c10::DispatchKeySet ks,
+                           torch::jit::Stack* stack) {
+  const auto& args = op.schema().arguments();
+  const size_t first = stack->size() - args.size();
+  std::vector<at::Tensor> written;
+  for (size_t i = 0; i < args.size(); ++i) {
+    const c10::AliasInfo* alias = args[i].alias_info();
+    const c10::IValue& value = (*stack)[first + i];
+    if (alias != nullptr && alias->isWrite() && value.isTensor()) {
+      written.push_back(value.toTensor());
+    }
+  }
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    op.redispatchBoxed(ks & c10::after_ADInplaceOrView_keyset, stack);
+  }
+  for (const at::Tensor& t : written) {
+    torch::autograd::impl::bump_version(t);
+  }
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(layernorm_ext, Autograd, m) {
@@ -250,20 +298,20 @@ TORCH_LIBRARY_IMPL(layernorm_ext, Autograd, m) {
   m.impl("rms_norm", TORCH_FN(rms_norm_autograd));
   m.impl("add_layer_norm", TORCH_FN(add_layer_norm_autograd));
   m.impl("add_rms_norm", TORCH_FN(add_rms_norm_autograd));
-  for (const char* name :
-       {"layer_norm.out", "layer_norm_fwd", "layer_norm_bwd", "rms_norm.out", "rms_norm_fwd",
-        "rms_norm_bwd", "add_layer_norm_fwd", "add_rms_norm_fwd", "add_layer_norm_inplace",
-        "add_rms_norm_inplace"}) {
+  for (const char* name : {"layer_norm_fwd", "layer_norm_bwd", "rms_norm_fwd", "rms_norm_bwd",
+                           "add_layer_norm_fwd", "add_rms_norm_fwd"}) {
     m.impl(name, torch::autograd::autogradNotImplementedFallback());
+  }
+  for (const char* name :
+       {"layer_norm.out", "rms_norm.out", "add_layer_norm_inplace", "add_rms_norm_inplace"}) {
+    m.impl(name, torch::CppFunction::makeFromBoxedFunction<&not_differentiable_mutating>());
   }
 }
 
 TORCH_LIBRARY_IMPL(layernorm_ext, ADInplaceOrView, m) {
-  // out= / in-place ops mutate their (a!) / (b!) arguments: bump version counters like any
-  // in-place op.
   for (const char* name :
        {"layer_norm.out", "rms_norm.out", "add_layer_norm_inplace", "add_rms_norm_inplace"}) {
-    m.impl(name, torch::autograd::autogradNotImplementedInplaceOrViewFallback());
+    m.impl(name, torch::CppFunction::makeFromBoxedFunction<&bump_written_versions>());
   }
 }
 

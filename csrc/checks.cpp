@@ -1,6 +1,5 @@
 #include "checks.h"
 
-#include <ATen/native/Resize.h>
 #include <c10/util/Exception.h>
 #include <c10/util/irange.h>
 
@@ -123,12 +122,16 @@ void check_norm_backward_inputs(const char* op, const at::Tensor& grad_out,
   check_stat("rstd", rstd);
 }
 
-void check_and_resize_out(const char* op, const at::Tensor& input, const at::Tensor& out) {
+void check_out(const char* op, const at::Tensor& input, const at::Tensor& out) {
   TORCH_CHECK(out.scalar_type() == input.scalar_type(), op,
               ": Expected out tensor to have dtype ", input.scalar_type(), ", but got ",
               out.scalar_type(), " instead");
   check_same_device(op, input, out);
-  at::native::resize_output_symint(out, input.sym_sizes());
+  // No resizing: torch.compile cannot functionalize a custom op that resizes an argument it
+  // writes, so eager refuses too rather than behave differently.
+  TORCH_CHECK(out.sym_sizes().equals(input.sym_sizes()), op,
+              ": expected out to have the input's shape ", input.sym_sizes(), ", but got ",
+              out.sym_sizes());
 }
 
 c10::SymDimVector stat_sym_shape(const at::Tensor& input, int64_t normalized_ndim) {

@@ -27,8 +27,8 @@ void check_norm_backward_inputs(const char* op, const at::Tensor& grad_out,
                                 const at::Tensor& input, int64_t normalized_ndim,
                                 const std::optional<at::Tensor>& mean, const at::Tensor& rstd);
 
-// Validates an out= tensor (dtype, device) and resizes it to the input's shape as ATen does.
-void check_and_resize_out(const char* op, const at::Tensor& input, const at::Tensor& out);
+// Validates an out= tensor: the input's dtype, device and shape (never resized, see checks.cpp).
+void check_out(const char* op, const at::Tensor& input, const at::Tensor& out);
 
 // Statistics are kept in fp32 for fp16 / bf16 / fp32 input and in fp64 for fp64 input.
 at::ScalarType acc_type(at::ScalarType input_dtype);

@@ -62,7 +62,7 @@ void layer_norm_out_meta(const at::Tensor& input, c10::SymIntArrayRef normalized
                          const OptTensor& weight, const OptTensor& bias, double /*eps*/,
                          bool /*zero_centered_weight*/, at::Tensor& out) {
   check_norm_inputs("layernorm_ext::layer_norm", input, normalized_shape, weight, bias);
-  check_and_resize_out("layernorm_ext::layer_norm", input, out);
+  check_out("layernorm_ext::layer_norm", input, out);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_meta(
@@ -98,7 +98,7 @@ void rms_norm_out_meta(const at::Tensor& input, c10::SymIntArrayRef normalized_s
                        const OptTensor& weight, std::optional<double> /*eps*/,
                        bool /*zero_centered_weight*/, at::Tensor& out) {
   check_norm_inputs("layernorm_ext::rms_norm", input, normalized_shape, weight, std::nullopt);
-  check_and_resize_out("layernorm_ext::rms_norm", input, out);
+  check_out("layernorm_ext::rms_norm", input, out);
 }
 
 std::tuple<at::Tensor, at::Tensor> rms_norm_fwd_meta(const at::Tensor& input,
@@ -177,7 +177,7 @@ void add_layer_norm_inplace_meta(const at::Tensor& input, at::Tensor& residual,
   const char* op = "layernorm_ext::add_layer_norm_inplace";
   check_norm_inputs(op, input, normalized_shape, weight, bias);
   check_same_as_input(op, input, residual, "residual");
-  check_and_resize_out(op, input, out);
+  check_out(op, input, out);
 }
 
 void add_rms_norm_inplace_meta(const at::Tensor& input, at::Tensor& residual,
@@ -187,7 +187,7 @@ void add_rms_norm_inplace_meta(const at::Tensor& input, at::Tensor& residual,
   const char* op = "layernorm_ext::add_rms_norm_inplace";
   check_norm_inputs(op, input, normalized_shape, weight, std::nullopt);
   check_same_as_input(op, input, residual, "residual");
-  check_and_resize_out(op, input, out);
+  check_out(op, input, out);
 }
 
 }  // namespace

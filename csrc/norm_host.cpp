@@ -122,7 +122,7 @@ FwdProblem prepare_forward(Norm kind, const at::Tensor& input, c10::SymIntArrayR
 
   bool direct = false;
   if (extras.out != nullptr) {
-    check_and_resize_out(op, input, *extras.out);
+    check_out(op, input, *extras.out);
     std::tie(p.y, p.y_stride) = writable_rows(*extras.out, nd, p.M, p.N);
     direct = true;
   }
