@@ -4,12 +4,19 @@
 // compiles with the host compiler alone.
 //
 // Tiers (chosen on the host from N and the dtypes only, never from the row count M, so results
-// are batch-invariant; see plan_rows() in norm_cuda.cpp and README "CUDA kernels"):
+// are batch-invariant; plan_rows() in norm_cuda.cpp):
 //   register  a row lives in registers of a group of threads: a sub-warp / warp group
 //             (1..32 threads, several rows per block) or the whole block (one row per block);
 //   sweep     rows too long for registers: block per row, a statistics sweep then an apply sweep;
-//             the row is kept in shared memory between the sweeps when it fits, else re-read
-//             (from L2 when it fits there). The cache never changes the arithmetic.
+//             the row is kept in shared memory between the sweeps when it fits (opt-in dynamic
+//             shared memory), else re-read. The cache never changes the arithmetic.
+// The resulting ranges of N:
+//                    warp / sub-warp     block, registers     sweep
+//   fwd 16-bit       <= 1024             <= 16384             beyond (cached <= ~113K on H100)
+//   fwd fp32         <= 512              <= 8192              beyond (cached <= ~56K)
+//   fwd fp64         <= 256              <= 4096              beyond (cached <= ~28K)
+//   bwd 16-bit/fp32  <= 512              <= 8192              beyond (x and dy cached: half)
+//   bwd fp64         <= 256              <= 4096              beyond
 #pragma once
 
 #include <cstdint>
