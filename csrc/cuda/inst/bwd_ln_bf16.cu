@@ -1,0 +1,5 @@
+// Backward kernels of LayerNorm, bf16 input, bf16 weight / bias: one small instantiation unit
+// (parallel, incremental builds).
+#include "../bwd_kernels.cuh"
+
+LNEXT_DEFINE_BWD_KERNELS(bwd_kernels_ln_bf16, Kind::kLayerNorm, __nv_bfloat16, __nv_bfloat16)

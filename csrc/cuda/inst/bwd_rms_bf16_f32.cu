@@ -1,0 +1,5 @@
+// Backward kernels of RMSNorm, bf16 input, fp32 weight / bias: one small instantiation unit
+// (parallel, incremental builds).
+#include "../bwd_kernels.cuh"
+
+LNEXT_DEFINE_BWD_KERNELS(bwd_kernels_rms_bf16_f32, Kind::kRMSNorm, __nv_bfloat16, float)

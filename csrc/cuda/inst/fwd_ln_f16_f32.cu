@@ -1,0 +1,5 @@
+// Forward kernels of LayerNorm, fp16 input, fp32 weight / bias: one small instantiation unit
+// (parallel, incremental builds).
+#include "../fwd_kernels.cuh"
+
+LNEXT_DEFINE_FWD_KERNELS(fwd_kernels_ln_f16_f32, Kind::kLayerNorm, __half, float)

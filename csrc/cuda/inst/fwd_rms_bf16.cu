@@ -1,0 +1,5 @@
+// Forward kernels of RMSNorm, bf16 input, bf16 weight / bias: one small instantiation unit
+// (parallel, incremental builds).
+#include "../fwd_kernels.cuh"
+
+LNEXT_DEFINE_FWD_KERNELS(fwd_kernels_rms_bf16, Kind::kRMSNorm, __nv_bfloat16, __nv_bfloat16)
