@@ -16,16 +16,28 @@ import torch
 
 import layernorm_ext
 
-OPS = [
-    "layer_norm",
-    "layer_norm.out",
-    "layer_norm_fwd",
-    "layer_norm_bwd",
-    "rms_norm",
-    "rms_norm.out",
-    "rms_norm_fwd",
-    "rms_norm_bwd",
-]
+
+def _tensor_ops() -> list[str]:
+    """Every layernorm_ext overload that takes a tensor (so needs a CUDA kernel), read from the
+    dispatcher: an op added later is covered without editing this list."""
+    names = []
+    for full in torch._C._dispatch_get_all_op_names():
+        if not full.startswith("layernorm_ext::"):
+            continue
+        name, _, overload = full.removeprefix("layernorm_ext::").partition(".")
+        schema = torch._C._get_schema(f"layernorm_ext::{name}", overload)
+        if any(isinstance(a.type, torch.TensorType) or "Tensor" in str(a.type) for a in schema.arguments):
+            names.append(full.removeprefix("layernorm_ext::"))
+    return sorted(names)
+
+
+OPS = _tensor_ops()
+
+
+def test_op_list_is_complete() -> None:
+    for core in ("layer_norm", "layer_norm.out", "layer_norm_fwd", "layer_norm_bwd", "rms_norm",
+                 "rms_norm_bwd", "add_layer_norm", "add_rms_norm_inplace"):
+        assert core in OPS, (core, OPS)
 
 EXPECT_CUDA = os.environ.get("LAYERNORM_EXT_EXPECT_CUDA", "").strip().lower() in (
     "1",

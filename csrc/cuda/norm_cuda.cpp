@@ -509,6 +509,15 @@ TORCH_LIBRARY_IMPL(layernorm_ext, CUDA, m) {
   m.impl("rms_norm.out", TORCH_FN(rms_norm_out_impl<launch_forward_cuda>));
   m.impl("rms_norm_fwd", TORCH_FN(rms_norm_fwd_impl<launch_forward_cuda>));
   m.impl("rms_norm_bwd", TORCH_FN(rms_norm_bwd_impl<launch_backward_cuda>));
+  // Fused residual add: these kernels do not fuse the add yet, so the host computes
+  // residual_out = input + residual (one elementwise kernel) and the norm kernels run on it; the
+  // backward adds the residual gradient after the norm's dx. Same results, one more pass.
+  m.impl("add_layer_norm", TORCH_FN(add_layer_norm_impl<launch_forward_cuda>));
+  m.impl("add_layer_norm_fwd", TORCH_FN(add_layer_norm_fwd_impl<launch_forward_cuda>));
+  m.impl("add_layer_norm_inplace", TORCH_FN(add_layer_norm_inplace_impl<launch_forward_cuda>));
+  m.impl("add_rms_norm", TORCH_FN(add_rms_norm_impl<launch_forward_cuda>));
+  m.impl("add_rms_norm_fwd", TORCH_FN(add_rms_norm_fwd_impl<launch_forward_cuda>));
+  m.impl("add_rms_norm_inplace", TORCH_FN(add_rms_norm_inplace_impl<launch_forward_cuda>));
 }
 
 }  // namespace layernorm_ext
