@@ -89,9 +89,9 @@ if [ $FAILED -eq 0 ]; then
   # 2. Tests.
   step "tests: test_cuda + registration" tests.log 480 env LAYERNORM_EXT_EXPECT_CUDA=1 \
     "$PY" -m pytest tests/test_cuda.py tests/test_cuda_registration.py -q -p no:cacheprovider \
-    --junitxml="$OUT/tests.xml" || FAILED=1
+    --tb=short --maxfail=100 --durations=15 --junitxml="$OUT/tests.xml" || FAILED=1
   step "tests: > 2^31 elements (huge)" tests_huge.log 240 \
-    "$PY" -m pytest tests/test_cuda.py -q -p no:cacheprovider -m huge || FAILED=1
+    "$PY" -m pytest tests/test_cuda.py -q -p no:cacheprovider --tb=short -m huge || FAILED=1
 
   # 3. compute-sanitizer memcheck (every tensor its own allocation).
   CS=$(command -v compute-sanitizer || echo "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer")
