@@ -14,6 +14,7 @@ Environment knobs:
   TORCH_CUDA_ARCH_LIST         CUDA archs (default: 8.0;8.6;8.9;9.0 and newer nvcc-supported ones)
   MAX_JOBS                     parallel compile jobs
   LAYERNORM_EXT_DEBUG=1        -O0 -g
+  LAYERNORM_EXT_LINEINFO=1     nvcc -lineinfo (profilers, compute-sanitizer line numbers)
 """
 
 from __future__ import annotations
@@ -154,7 +155,10 @@ if not omp_runtime:
     log("torch ships no OpenMP runtime here: CPU kernels will run on the calling thread only")
 
 cxx_flags = [*OPT, "-Wall", "-Wno-unknown-pragmas", *omp_compile]
-nvcc_flags = [*OPT, "-lineinfo", "--expt-relaxed-constexpr", "-Xcompiler", "-fPIC"]
+# -lineinfo (source lines for profilers / compute-sanitizer) triples the size of the CUDA code:
+# only on request (the GPU check script sets it).
+LINEINFO = ["-lineinfo"] if env_flag("LAYERNORM_EXT_LINEINFO") or DEBUG else []
+nvcc_flags = [*OPT, *LINEINFO, "--expt-relaxed-constexpr", "-Xcompiler", "-fPIC"]
 define_macros = [("LNEXT_WITH_CUDA", None)] if with_cuda else []
 link_args = [str(omp_runtime)] if omp_runtime else []
 

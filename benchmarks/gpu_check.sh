@@ -75,7 +75,7 @@ fi
 
 # 1. Build for this GPU only.
 if ! step "build (sm_${ARCH/./}, $JOBS jobs)" build.log 600 \
-  env LAYERNORM_EXT_FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST="$ARCH" MAX_JOBS="$JOBS" \
+  env LAYERNORM_EXT_FORCE_CUDA=1 LAYERNORM_EXT_LINEINFO=1 TORCH_CUDA_ARCH_LIST="$ARCH" MAX_JOBS="$JOBS" \
   "$PY" setup.py build_ext --inplace; then
   FAILED=1
 fi

@@ -2,7 +2,7 @@
 // `import layernorm_ext._C` load this shared library (which runs the registrations below).
 //
 // Backends register their kernels from their own files with TORCH_LIBRARY_IMPL:
-//   cpu/norm_cpu.cpp  (CPU)      cuda/norm_cuda.cu  (CUDA, only when built with nvcc)
+//   cpu/norm_cpu.cpp  (CPU)      cuda/norm_cuda.cpp (CUDA, only when built with nvcc)
 //   meta.cpp          (Meta: shapes for FakeTensor / torch.compile / export)
 //   autograd.cpp      (Autograd: C++ torch::autograd::Function per differentiable op)
 
