@@ -2,6 +2,7 @@
 
 #include "cpu/large_alloc.h"
 
+#include <ATen/MemoryOverlap.h>
 #include <ATen/ops/add.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
@@ -96,6 +97,11 @@ FwdProblem prepare_forward(Norm kind, const at::Tensor& input, c10::SymIntArrayR
       check_residual(op, input, *extras.residual_out, "residual_out");
     }
     if (extras.residual_out != nullptr) {
+      at::assert_no_internal_overlap(*extras.residual_out);
+      at::assert_no_partial_overlap(*extras.residual_out, input);
+      for (const std::optional<at::Tensor>* t : {&weight, &bias}) {
+        if (t->has_value() && (*t)->defined()) at::assert_no_overlap(*extras.residual_out, **t);
+      }
       std::tie(p.residual_out, p.residual_out_stride) =
           writable_rows(*extras.residual_out, nd, p.M, p.N);
     } else {
@@ -123,6 +129,14 @@ FwdProblem prepare_forward(Norm kind, const at::Tensor& input, c10::SymIntArrayR
   bool direct = false;
   if (extras.out != nullptr) {
     check_out(op, input, *extras.out);
+    // As ATen's out= functions: no internal overlap, no partial overlap with the input (exactly
+    // the input is fine: each row is read before it is written), none with anything else read.
+    at::assert_no_internal_overlap(*extras.out);
+    at::assert_no_partial_overlap(*extras.out, input);
+    for (const std::optional<at::Tensor>* t : {&weight, &bias}) {
+      if (t->has_value() && (*t)->defined()) at::assert_no_overlap(*extras.out, **t);
+    }
+    if (extras.residual != nullptr) at::assert_no_overlap(*extras.out, *extras.residual);
     std::tie(p.y, p.y_stride) = writable_rows(*extras.out, nd, p.M, p.N);
     direct = true;
   }

@@ -27,7 +27,9 @@ class GPT2Block(nn.Module):
         self.attn = nn.MultiheadAttention(d_model, n_head, batch_first=True)
         self.ln_2 = nn.LayerNorm(d_model, eps=1e-5)
         self.mlp = nn.Sequential(
-            nn.Linear(d_model, 4 * d_model), nn.GELU(approximate="tanh"), nn.Linear(4 * d_model, d_model)
+            nn.Linear(d_model, 4 * d_model),
+            nn.GELU(approximate="tanh"),
+            nn.Linear(4 * d_model, d_model),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -56,7 +58,8 @@ def main() -> None:
         diff = (out.float() - ref.float()).abs().max().item()
         timings = {}
         for name, model in (("torch.nn", original), ("layernorm_ext", converted)):
-            t = Timer("model(x)", globals={"model": model, "x": x}).blocked_autorange(min_run_time=1.0)
+            timer = Timer("model(x)", globals={"model": model, "x": x})
+            t = timer.blocked_autorange(min_run_time=1.0)
             timings[name] = t.median * 1e3
         # The norms alone, as the block calls them.
         ln_t = Timer("m(x)", globals={"m": original.ln_1, "x": x}).blocked_autorange(min_run_time=0.5)
