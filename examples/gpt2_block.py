@@ -62,16 +62,27 @@ def main() -> None:
             t = timer.blocked_autorange(min_run_time=1.0)
             timings[name] = t.median * 1e3
         # The norms alone, as the block calls them.
-        ln_t = Timer("m(x)", globals={"m": original.ln_1, "x": x}).blocked_autorange(min_run_time=0.5)
-        ln_o = Timer("m(x)", globals={"m": converted.ln_1, "x": x}).blocked_autorange(min_run_time=0.5)
+        ln_t = Timer("m(x)", globals={"m": original.ln_1, "x": x}).blocked_autorange(
+            min_run_time=0.5
+        )
+        ln_o = Timer("m(x)", globals={"m": converted.ln_1, "x": x}).blocked_autorange(
+            min_run_time=0.5
+        )
 
-    print(f"replaced {replaced} norm modules; {args.batch}x{args.seq}x768 {args.dtype}, "
-          f"{torch.get_num_threads()} threads, CPU kernels: {layernorm_ext.cpu_capability()}")
+    print(
+        f"replaced {replaced} norm modules; {args.batch}x{args.seq}x768 {args.dtype}, "
+        f"{torch.get_num_threads()} threads, CPU kernels: {layernorm_ext.cpu_capability()}"
+    )
     print(f"max |converted - original| = {diff:.3g}")
-    print(f"block:     torch.nn {timings['torch.nn']:.2f} ms, layernorm_ext {timings['layernorm_ext']:.2f} ms "
-          f"({timings['torch.nn'] / timings['layernorm_ext']:.2f}x)")
-    print(f"LayerNorm: torch.nn {ln_t.median * 1e6:.1f} us, layernorm_ext {ln_o.median * 1e6:.1f} us "
-          f"({ln_t.median / ln_o.median:.2f}x)")
+    print(
+        f"block:     torch.nn {timings['torch.nn']:.2f} ms, "
+        f"layernorm_ext {timings['layernorm_ext']:.2f} ms "
+        f"({timings['torch.nn'] / timings['layernorm_ext']:.2f}x)"
+    )
+    print(
+        f"LayerNorm: torch.nn {ln_t.median * 1e6:.1f} us, layernorm_ext {ln_o.median * 1e6:.1f} us "
+        f"({ln_t.median / ln_o.median:.2f}x)"
+    )
 
 
 if __name__ == "__main__":
