@@ -439,7 +439,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     note = clock.note((r["other_load"] for r in results), "cells")
     print(note)
     if not args.no_save:
-        stem = f"bench_norm_{args.op}_{direction[:3]}" + ("_prealloc" if args.prealloc else "")
+        stem = f"bench_norm_{args.op}_{'bwd' if args.backward else 'fwd'}"
+        stem += "_prealloc" if args.prealloc else ""
         if args.isa:
             stem += f"_{args.isa}"
         csv_path = write_csv(result_path(stem, machine, ".csv"), results)

@@ -10,6 +10,9 @@ and each grad condition, times ours (``layernorm_ext``) against torch (``torch.n
 * ``params / no_grad``: as ``params`` under ``torch.no_grad()``;
 * ``params / inference_mode``: as ``params`` under ``torch.inference_mode()``.
 
+Each row measures torch and ours alternately ``--rounds`` times and reports each one's median:
+microsecond timings on a VM drift between measurements by more than the differences measured.
+
 Examples::
 
     python benchmarks/bench_overhead.py
@@ -35,6 +38,7 @@ from common import (
     dtype_name,
     markdown_table,
     measure,
+    median,
     parse_dtypes,
     result_path,
     run_in_context,
@@ -129,13 +133,21 @@ def time_pair(
     dtype: torch.dtype,
     requires_grad: str,
     context: str,
+    *,
+    rounds: int = 3,
     **kwargs: Any,
 ) -> dict[str, float]:
-    """:func:`time_call` for torch and for ours, back to back: {"torch": s, "ours": s}."""
-    return {
-        impl: time_call(impl, api, rows, hidden, dtype, requires_grad, context, **kwargs)
-        for impl in ("torch", "ours")
-    }
+    """:func:`time_call` for torch and for ours: {"torch": s, "ours": s}.
+
+    Microsecond timings on a VM drift between measurements by more than the differences being
+    measured, so the two are measured alternately ``rounds`` times and each reports the median of
+    its rounds.
+    """
+    times: dict[str, list[float]] = {"torch": [], "ours": []}
+    for _ in range(rounds):
+        for impl, ts in times.items():
+            ts.append(time_call(impl, api, rows, hidden, dtype, requires_grad, context, **kwargs))
+    return {impl: median(ts) for impl, ts in times.items()}
 
 
 COLUMNS = [
@@ -168,7 +180,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--shapes", type=parse_shape, nargs="+", default=list(DEFAULT_SHAPES))
     p.add_argument("--dtype", choices=list(DTYPES), default="fp32")
     p.add_argument("--threads", type=int, help="CPU threads (default torch.get_num_threads())")
-    p.add_argument("--min-run-time", type=float, default=0.2)
+    p.add_argument("--min-run-time", type=float, default=0.2, help="seconds per measurement")
+    p.add_argument("--rounds", type=int, default=3, help="alternating torch/ours rounds per row")
     p.add_argument(
         "--idle-wait",
         type=float,
@@ -204,6 +217,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     op=args.op,
                     threads=threads,
                     min_run_time=args.min_run_time,
+                    rounds=args.rounds,
                     idle_wait=args.idle_wait,
                     busy=busy,
                 )

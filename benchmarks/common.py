@@ -411,7 +411,7 @@ class RunClock:
         if not vals:
             return line + "; load from other processes: unknown"
         bad = sum(b > threshold for b in vals)
-        line += f"; load from other processes while measuring: max {100 * max(vals):.0f}%"
+        line += f"; load from other processes while measuring: max {100 * max(vals):.1f}%"
         if bad:
             line += (
                 f" (WARNING: {bad} of {len(vals)} {unit} ran with more than "

@@ -10,9 +10,9 @@
    median speedup ≥ 1.5×.
 4. Per-call latency at 1×768 fp32 as an ``nn.Module`` whose parameters require grad
    (``layernorm_ext.LayerNorm`` vs ``torch.nn.LayerNorm``), in grad mode and under
-   ``torch.inference_mode()``: ours no slower.
+   ``torch.inference_mode()``: ours no slower (median of five alternating rounds each).
 5. Two threads against one on in-cache shapes (512×768 and 2048×1024, fp32 and bf16, out=):
-   speedup ≥ 1.8× (judged on the worst of those cells).
+   speedup ≥ 1.8× (judged on the worst of those cells; median of three alternating rounds).
 
 γ and β are in the input's dtype throughout. Measurements come from bench_norm and
 bench_overhead. Writes, under benchmarks/results/: the per-cell CSV, the summary as CSV and
@@ -28,6 +28,7 @@ Examples::
 from __future__ import annotations
 
 import argparse
+import csv
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -211,6 +212,7 @@ def target_4(threads: int, min_run_time: float, idle_wait: float) -> list[Target
             ctx,
             threads=threads,
             min_run_time=min_run_time,
+            rounds=5,
             idle_wait=idle_wait,
             busy=busy,
         )
@@ -237,10 +239,12 @@ def target_5(cfg: Config) -> list[Target]:
     for d in parse_dtypes(SCALING_DTYPES):
         for rows, hidden in SCALING_CELLS:
             inp = make_inputs(rows, hidden, d, cfg)
-            t1, t2 = (
-                time_forward(inp, cfg, threads=n, kinds=("ours_out",), busy=busy)["ours_out"]
-                for n in (1, 2)
-            )
+            samples: dict[int, list[float]] = {1: [], 2: []}
+            for _ in range(3):  # alternate, so that drift hits both thread counts alike
+                for n, ts in samples.items():
+                    t = time_forward(inp, cfg, threads=n, kinds=("ours_out",), busy=busy)
+                    ts.append(t["ours_out"])
+            t1, t2 = median(samples[1]), median(samples[2])
             results.append((f"{rows}×{hidden} {dtype_name(d)}", t1 / t2, t1, t2))
             del inp
     name, worst, _, _ = min(results, key=lambda r: r[1])
@@ -284,7 +288,15 @@ SUMMARY_COLUMNS = [
 ]
 
 
-def plot(cells: Sequence[dict[str, Any]], machine: Machine, path: Path) -> Path | None:
+def plot_title(machine: Machine) -> str:
+    """The PNG's title: what, where and with which torch / kernel set."""
+    return (
+        f"layer_norm forward, {machine.cpu_model}, {machine.threads} threads, "
+        f"torch {machine.torch_version}, {machine.cpu_capability}, {machine.date}"
+    )
+
+
+def plot(cells: Sequence[dict[str, Any]], title: str, path: Path) -> Path | None:
     """GB/s against hidden size: one panel per (row count, dtype); ours fresh and out=, ATen
     and copy. Returns None (and says why) when matplotlib is missing."""
     try:
@@ -297,6 +309,9 @@ def plot(cells: Sequence[dict[str, Any]], machine: Machine, path: Path) -> Path 
         return None
     dtypes = list(dict.fromkeys(c["dtype"] for c in cells))
     row_counts = sorted({c["rows"] for c in cells})
+    # Hidden sizes as equally spaced categories: 768 and 1024 would overlap on a log axis.
+    hidden = sorted({c["hidden"] for c in cells})
+    pos = {h: i for i, h in enumerate(hidden)}
     series = [
         ("ours_gbps", "ours", "C0", "-"),
         ("ours_out_gbps", "ours out=", "C2", "--"),
@@ -315,29 +330,51 @@ def plot(cells: Sequence[dict[str, Any]], machine: Machine, path: Path) -> Path 
             ax = axes[i][j]
             sel = sorted((c for c in cells if c["rows"] == r and c["dtype"] == d), key=_hidden)
             for key, label, color, style in series:
-                pts = [(c["hidden"], c[key]) for c in sel if c.get(key) is not None]
+                pts = [(pos[c["hidden"]], c[key]) for c in sel if c.get(key) is not None]
                 if pts:
                     xs, ys = zip(*pts, strict=True)
                     ax.plot(xs, ys, style, color=color, marker=".", label=label)
-            ax.set_xscale("log", base=2)
             ax.set_title(f"{d}, rows={r}", fontsize=9)
             ax.grid(True, alpha=0.3)
             if j == 0:
                 ax.set_ylabel("GB/s")
             if i == len(row_counts) - 1:
                 ax.set_xlabel("hidden")
-                hs = sorted({c["hidden"] for c in cells})
-                ax.set_xticks(hs, [str(h) for h in hs], fontsize=7)
+                ax.set_xticks(range(len(hidden)), [str(h) for h in hidden], fontsize=7)
     axes[0][0].legend(fontsize=7)
-    fig.suptitle(
-        f"layer_norm forward, {machine.cpu_model}, {machine.threads} threads, "
-        f"torch {machine.torch_version}, {machine.cpu_capability}, {machine.date}",
-        fontsize=10,
-    )
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def replot(cells_csv: Path) -> int:
+    """Redraws the PNG of a saved run from its ``cpu_targets*_cells_*.csv``, next to it."""
+    with open(cells_csv, newline="") as f:
+        cells = [{k: _number(v) for k, v in row.items()} for row in csv.DictReader(f)]
+    if not cells:
+        print(f"{cells_csv}: no rows", file=sys.stderr)
+        return 1
+    stem, _, slug = cells_csv.stem.partition("_cells_")
+    c = cells[0]
+    title = f"layer_norm forward, {c['threads']} threads, {c['isa']}, {slug}"
+    path = plot(cells, title, cells_csv.with_name(f"{stem}_{slug}.png"))
+    if path:
+        print(f"wrote {path}")
+    return 0 if path else 1
+
+
+def _number(v: str) -> Any:
+    """A CSV field back as int, float, str or None (empty)."""
+    if v == "":
+        return None
+    for cast in (int, float):
+        try:
+            return cast(v)
+        except ValueError:
+            pass
+    return v
 
 
 def _hidden(c: dict[str, Any]) -> int:
@@ -375,7 +412,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         "measurement, and repeat one they disturbed (3 tries in all)",
     )
     p.add_argument("--no-save", action="store_true", help="print only; write no result files")
+    p.add_argument(
+        "--replot",
+        type=Path,
+        metavar="CELLS_CSV",
+        help="only redraw the PNG from a saved cpu_targets_cells_*.csv (written next to it)",
+    )
     args = p.parse_args(argv)
+    if args.replot:
+        return replot(args.replot)
     if args.isa:
         layernorm_ext.set_cpu_capability(args.isa)
     threads = args.threads or torch.get_num_threads()
@@ -415,7 +460,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     summary = [t.as_row() for t in targets]
     print("\nSummary")
-    sp = TablePrinter(SUMMARY_COLUMNS, widths={"check": 30, "measured": 44, "goal": 17})
+    sp = TablePrinter(SUMMARY_COLUMNS, widths={"check": 34, "measured": 54, "goal": 17})
     sp.header()
     for row in summary:
         sp.row(row)
@@ -445,7 +490,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 notes=[note],
             ),
         ]
-        png = plot(cells, machine, result_path(stem, machine, ".png"))
+        png = plot(cells, plot_title(machine), result_path(stem, machine, ".png"))
         for path in [*paths, *([png] if png else [])]:
             print(f"wrote {path}")
     return 0
