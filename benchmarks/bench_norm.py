@@ -44,13 +44,10 @@ from common import (
     describe_machine,
     dtype_name,
     gbps,
-    markdown_table,
     measure,
     norm_bytes,
     parse_dtypes,
-    result_path,
-    write_csv,
-    write_markdown,
+    save_table,
 )
 
 import layernorm_ext
@@ -443,15 +440,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         stem += "_prealloc" if args.prealloc else ""
         if args.isa:
             stem += f"_{args.isa}"
-        csv_path = write_csv(result_path(stem, machine, ".csv"), results)
-        md_path = write_markdown(
-            result_path(stem, machine, ".md"),
-            title,
-            machine,
-            [("Results", markdown_table(results, cols))],
-            notes=[note],
-        )
-        print(f"wrote {csv_path}\nwrote {md_path}")
+        save_table(stem, machine, title, results, cols, note)
     return 0
 
 

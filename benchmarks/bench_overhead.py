@@ -36,14 +36,11 @@ from common import (
     busiest,
     describe_machine,
     dtype_name,
-    markdown_table,
     measure,
     median,
     parse_dtypes,
-    result_path,
     run_in_context,
-    write_csv,
-    write_markdown,
+    save_table,
 )
 
 import layernorm_ext
@@ -241,15 +238,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(note)
     if not args.no_save:
         stem = f"bench_overhead_{args.op}_{dtype_name(dtype)}"
-        csv_path = write_csv(result_path(stem, machine, ".csv"), results)
-        md_path = write_markdown(
-            result_path(stem, machine, ".md"),
-            title,
-            machine,
-            [("Results", markdown_table(results, COLUMNS))],
-            notes=[note],
-        )
-        print(f"wrote {csv_path}\nwrote {md_path}")
+        save_table(stem, machine, title, results, COLUMNS, note)
     return 0
 
 

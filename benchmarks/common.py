@@ -512,6 +512,28 @@ def write_markdown(
     return path
 
 
+def save_table(
+    stem: str,
+    machine: Machine,
+    title: str,
+    rows: Sequence[Mapping[str, Any]],
+    columns: Sequence[Any],
+    note: str,
+) -> tuple[Path, Path]:
+    """Writes one result table as CSV and as a markdown report (machine, note, table) under
+    :data:`RESULTS_DIR`, named from ``stem``, the date, the machine and the torch version."""
+    csv_path = write_csv(result_path(stem, machine, ".csv"), rows)
+    md_path = write_markdown(
+        result_path(stem, machine, ".md"),
+        title,
+        machine,
+        [("Results", markdown_table(rows, columns))],
+        notes=[note],
+    )
+    print(f"wrote {csv_path}\nwrote {md_path}")
+    return csv_path, md_path
+
+
 def busiest(busy: Iterable[float | None]) -> float | None:
     """The highest other-process load among measurements (None if none was known)."""
     vals = [b for b in busy if b is not None]
