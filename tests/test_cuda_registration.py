@@ -26,7 +26,10 @@ def _tensor_ops() -> list[str]:
             continue
         name, _, overload = full.removeprefix("layernorm_ext::").partition(".")
         schema = torch._C._get_schema(f"layernorm_ext::{name}", overload)
-        if any(isinstance(a.type, torch.TensorType) or "Tensor" in str(a.type) for a in schema.arguments):
+        if any(
+            isinstance(a.type, torch.TensorType) or "Tensor" in str(a.type)
+            for a in schema.arguments
+        ):
             names.append(full.removeprefix("layernorm_ext::"))
     return sorted(names)
 
@@ -35,9 +38,18 @@ OPS = _tensor_ops()
 
 
 def test_op_list_is_complete() -> None:
-    for core in ("layer_norm", "layer_norm.out", "layer_norm_fwd", "layer_norm_bwd", "rms_norm",
-                 "rms_norm_bwd", "add_layer_norm", "add_rms_norm_inplace"):
+    for core in (
+        "layer_norm",
+        "layer_norm.out",
+        "layer_norm_fwd",
+        "layer_norm_bwd",
+        "rms_norm",
+        "rms_norm_bwd",
+        "add_layer_norm",
+        "add_rms_norm_inplace",
+    ):
         assert core in OPS, (core, OPS)
+
 
 EXPECT_CUDA = os.environ.get("LAYERNORM_EXT_EXPECT_CUDA", "").strip().lower() in (
     "1",

@@ -90,7 +90,10 @@ def test_inplace_forms_update_residual_and_out(isa, fn):
 
 def test_fused_errors():
     x, r, w, b = _inputs(2, 8, torch.float32)
-    with pytest.raises(RuntimeError, match=r"layernorm_ext::add_layer_norm: expected residual to have the input's shape"):
+    with pytest.raises(
+        RuntimeError,
+        match=r"layernorm_ext::add_layer_norm: expected residual to have the input's shape",
+    ):
         L.add_layer_norm(x, r[:, :4], 8, w, b)
     with pytest.raises(RuntimeError, match=r"expected residual to have the input's dtype"):
         L.add_layer_norm(x, r.double(), 8, w, b)
@@ -148,4 +151,8 @@ def test_fused_opcheck():
         (x, r.clone(), (16,), w, b, 1e-5),
         {"out": torch.empty(4, 16)},
     )
-    opcheck(ops.add_rms_norm_inplace.default, (x, r.clone(), (16,), w, None), {"out": torch.empty(4, 16)})
+    opcheck(
+        ops.add_rms_norm_inplace.default,
+        (x, r.clone(), (16,), w, None),
+        {"out": torch.empty(4, 16)},
+    )

@@ -62,8 +62,8 @@ inline float to_float(Half h) {
   const float magic_bias = 0.5f;
   const float denormalized = bits_to_float((two_w >> 17) | magic_mask) - magic_bias;
   const uint32_t denormalized_cutoff = 1u << 27;
-  const uint32_t result =
-      sign | (two_w < denormalized_cutoff ? float_to_bits(denormalized) : float_to_bits(normalized));
+  const uint32_t result = sign | (two_w < denormalized_cutoff ? float_to_bits(denormalized)
+                                                              : float_to_bits(normalized));
   return bits_to_float(result);
 }
 

@@ -14,12 +14,12 @@ namespace layernorm_ext::cpu {
 // of the parameters take the parameters' dtype, statistics the accumulation type (fp64 for fp64
 // input, fp32 otherwise).
 enum class DTypeCombo : int {
-  kFloat = 0,       // x fp32, params fp32
-  kDouble,          // x fp64, params fp64
-  kHalf,            // x fp16, params fp16
-  kBFloat16,        // x bf16, params bf16
-  kHalfFloat,       // x fp16, params fp32 (mixed)
-  kBFloat16Float,   // x bf16, params fp32 (mixed)
+  kFloat = 0,      // x fp32, params fp32
+  kDouble,         // x fp64, params fp64
+  kHalf,           // x fp16, params fp16
+  kBFloat16,       // x bf16, params bf16
+  kHalfFloat,      // x fp16, params fp32 (mixed)
+  kBFloat16Float,  // x bf16, params fp32 (mixed)
   kCount
 };
 

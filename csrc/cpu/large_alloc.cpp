@@ -60,7 +60,8 @@ at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options)
     if (nbytes >= kHugePageThresholdBytes) {
       constexpr c10::DispatchKeySet cpu_ks(c10::DispatchKey::CPU);
       return at::detail::empty_generic(sizes, &g_huge_page_allocator, cpu_ks,
-                                       options.dtype().toScalarType(), at::MemoryFormat::Contiguous);
+                                       options.dtype().toScalarType(),
+                                       at::MemoryFormat::Contiguous);
     }
   }
 #endif

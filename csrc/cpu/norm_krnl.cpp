@@ -145,8 +145,8 @@ inline RowMoments<A> moments_short(const T* x, int64_t N) {
 }
 
 // Welford over `count` consecutive vectors, as kStreams interleaved streams (stream u takes
-// vectors u, u + kStreams, ...) merged pairwise. Returns per-lane (mean, m2) and the per-lane count.
-// Scalar math per stream: d = x - m; m += d / (k + 1); m2 += d * (x - m_new).
+// vectors u, u + kStreams, ...) merged pairwise. Returns per-lane (mean, m2) and the per-lane
+// count. Scalar math per stream: d = x - m; m += d / (k + 1); m2 += d * (x - m_new).
 template <typename T, typename V, typename A = acc_t<T>>
 inline int64_t welford_vectors(const T* x, const V& vshift, int count, V& m_out, V& q_out) {
   constexpr int L = V::kSize;
@@ -397,6 +397,57 @@ inline void add_row(const T* a, const T* b, T* s, int64_t N) {
   }
 }
 
+// --- Overflow rescue -------------------------------------------------------------------------
+//
+// A finite row can have statistics beyond the accumulation type's range: fp32 [1e30, 2e30] has
+// variance 2.5e59, and a row spanning +-3e38 overflows even x - x0. The vector paths then give
+// var = inf or NaN, i.e. rstd = 0 and a silently wrong y (just the bias). Such rows (rare: the
+// check costs one comparison per row) are recomputed here in double on the row scaled by 2^-e,
+// e = the exponent of max|x|: the scaling is exact, no sum can overflow, and y comes out
+// correct. The saved rstd = 2^-e / sqrt(var_s + eps 2^-2e) is representable in fp32 (at worst
+// subnormal). Rows holding Inf or NaN are left to the normal path, which propagates them as
+// PyTorch does. Returns false for those.
+template <NormKind K, WMode kW, bool kB, typename T, typename P, typename A = acc_t<T>>
+[[gnu::noinline, gnu::cold]] bool rescue_row(const T* x, const P* w, const P* b, T* y, int64_t N,
+                                             A eps, A* mean_out, A* rstd_out) {
+  double amax = 0;
+  for (int64_t i = 0; i < N; ++i) {
+    const double v = load_acc(x + i);
+    if (!std::isfinite(v)) {
+      return false;
+    }
+    amax = std::max(amax, std::fabs(v));
+  }
+  const int e = amax > 0 ? std::ilogb(amax) : 0;
+  const double s = std::ldexp(1.0, -e);
+  double mean_s = 0;
+  if constexpr (K == NormKind::kLayerNorm) {
+    for (int64_t i = 0; i < N; ++i) mean_s += static_cast<double>(load_acc(x + i)) * s;
+    mean_s /= static_cast<double>(N);
+  }
+  double q = 0;
+  for (int64_t i = 0; i < N; ++i) {
+    const double d = static_cast<double>(load_acc(x + i)) * s - mean_s;
+    q += d * d;
+  }
+  const double inv =
+      1.0 / std::sqrt(q / static_cast<double>(N) + std::ldexp(static_cast<double>(eps), -2 * e));
+  for (int64_t i = 0; i < N; ++i) {
+    double v = (static_cast<double>(load_acc(x + i)) * s - mean_s) * inv;
+    if constexpr (kW != WMode::kNone) {
+      const A wi = load_acc(w + i);
+      v *= static_cast<double>(kW == WMode::kPlusOne ? wi + A(1) : wi);
+    }
+    if constexpr (kB) {
+      v += static_cast<double>(load_acc(b + i));
+    }
+    store_acc(y + i, static_cast<A>(v));
+  }
+  if (mean_out != nullptr) *mean_out = static_cast<A>(std::ldexp(mean_s, e));
+  if (rstd_out != nullptr) *rstd_out = static_cast<A>(std::ldexp(inv, -e));
+  return true;
+}
+
 template <NormKind K, WMode kW, bool kB, typename T, typename P>
 void fwd_rows_impl(const FwdParams& p, const P* w, const P* b, int64_t begin, int64_t end) {
   using A = acc_t<T>;
@@ -420,11 +471,22 @@ void fwd_rows_impl(const FwdParams& p, const P* w, const P* b, int64_t begin, in
     }
     RowMoments<A> mo{A(0), A(0), A(0)};
     A rstd;
+    bool overflow;
     if constexpr (K == NormKind::kLayerNorm) {
       mo = row_moments<T>(xr, N);
       rstd = A(1) / std::sqrt(mo.var + eps);
+      overflow = !(std::isfinite(mo.var) && std::isfinite(mo.mean));
     } else {
-      rstd = A(1) / std::sqrt(row_mean_square<T>(xr, N) + eps);
+      const A ms = row_mean_square<T>(xr, N);
+      rstd = A(1) / std::sqrt(ms + eps);
+      overflow = !std::isfinite(ms);
+    }
+    if (overflow) [[unlikely]] {
+      if (rescue_row<K, kW, kB, T, P>(xr, w, b, y + r * p.y_stride, N, eps,
+                                      mean_out != nullptr ? mean_out + r : nullptr,
+                                      rstd_out != nullptr ? rstd_out + r : nullptr)) {
+        continue;
+      }
     }
     if (mean_out != nullptr) mean_out[r] = mo.shift + mo.mean;
     if (rstd_out != nullptr) rstd_out[r] = rstd;

@@ -63,7 +63,8 @@ struct Vec<float> {
     return {_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)))};
   }
   static Vec load(const BFloat16* p) {
-    const __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+    const __m512i w =
+        _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
     return {_mm512_castsi512_ps(_mm512_slli_epi32(w, 16))};
   }
   void store(float* p) const { _mm512_storeu_ps(p, v); }
@@ -78,7 +79,8 @@ struct Vec<float> {
     // (|v| < FLT_MIN and v != 0, or NaN) are rare, so they take the exact integer path below.
     const __mmask16 tiny_or_nan =
         _mm512_cmp_ps_mask(_mm512_abs_ps(v), _mm512_set1_ps(0x1.0p-126f), _CMP_NGE_UQ);
-    const __mmask16 slow = _mm512_mask_cmp_ps_mask(tiny_or_nan, v, _mm512_setzero_ps(), _CMP_NEQ_UQ);
+    const __mmask16 slow =
+        _mm512_mask_cmp_ps_mask(tiny_or_nan, v, _mm512_setzero_ps(), _CMP_NEQ_UQ);
     if (C10_LIKELY_LNEXT(slow == 0)) {
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), (__m256i)_mm512_cvtneps_pbh(v));
       return;
@@ -284,11 +286,11 @@ struct ArrayVec {
   void store_lanes(A* out) const {
     for (int i = 0; i < W; ++i) out[i] = v[i];
   }
-#define LNEXT_ARRAYVEC_BINOP(op)                          \
-  friend ArrayVec operator op(ArrayVec a, ArrayVec b) {   \
-    ArrayVec r;                                           \
+#define LNEXT_ARRAYVEC_BINOP(op)                           \
+  friend ArrayVec operator op(ArrayVec a, ArrayVec b) {    \
+    ArrayVec r;                                            \
     for (int i = 0; i < W; ++i) r.v[i] = a.v[i] op b.v[i]; \
-    return r;                                             \
+    return r;                                              \
   }
   LNEXT_ARRAYVEC_BINOP(+)
   LNEXT_ARRAYVEC_BINOP(-)
@@ -304,12 +306,14 @@ struct ArrayVec {
 template <>
 struct Vec<float> : ArrayVec<float, 8> {
   Vec() = default;
-  Vec(const ArrayVec<float, 8>& a) : ArrayVec<float, 8>(a) {}  // NOLINT(google-explicit-constructor)
+  Vec(const ArrayVec<float, 8>& a)
+      : ArrayVec<float, 8>(a) {}  // NOLINT(google-explicit-constructor)
 };
 template <>
 struct Vec<double> : ArrayVec<double, 4> {
   Vec() = default;
-  Vec(const ArrayVec<double, 4>& a) : ArrayVec<double, 4>(a) {}  // NOLINT(google-explicit-constructor)
+  Vec(const ArrayVec<double, 4>& a)
+      : ArrayVec<double, 4>(a) {}  // NOLINT(google-explicit-constructor)
 };
 
 #endif
