@@ -104,44 +104,71 @@ struct RowMoments {
 // Short rows: the exact two-pass algorithm (sum, then sum of squared deviations), the row being
 // re-read from registers / L1. A masked partial vector covers the tail, so there is no scalar
 // loop and the tail is computed exactly like the body.
-template <typename T, typename A = acc_t<T>>
-inline RowMoments<A> moments_short(const T* x, int64_t N) {
+//
+// R rows at once, each with exactly the instructions of the one-row version (R = 1): a short
+// row's cost is mostly the latency of its dependent chain (sum -> horizontal sum -> mean ->
+// squares -> horizontal sum), which R independent chains hide. The result of a row never
+// depends on R, i.e. on which rows share a task.
+template <int R, typename T, typename A = acc_t<T>>
+inline void moments_short(const T* const* xs, int64_t N, RowMoments<A>* out) {
   using V = Vec<A>;
   constexpr int L = V::kSize;
   const int64_t nfull = N / L;
   const int tail = static_cast<int>(N % L);
-  const A shift = load_acc(x);
-  const V vshift = V::set1(shift);
-  V s[4] = {V::zero(), V::zero(), V::zero(), V::zero()};
+  // Two accumulators per row (even / odd vectors), indexed statically so that they live in
+  // registers: with R rows that is 2R independent addition chains.
+  V vshift[R];
+  V s0[R];
+  V s1[R];
+  for (int k = 0; k < R; ++k) {
+    out[k].shift = load_acc(xs[k]);
+    vshift[k] = V::set1(out[k].shift);
+    s0[k] = V::zero();
+    s1[k] = V::zero();
+  }
   int64_t v = 0;
-  for (; v + 4 <= nfull; v += 4) {
-    for (int u = 0; u < 4; ++u) s[u] = s[u] + (V::load(x + (v + u) * L) - vshift);
-  }
-  for (int u = 0; v < nfull; ++v, ++u) s[u] = s[u] + (V::load(x + v * L) - vshift);
-  if (tail > 0) {
-    s[3] = s[3] + (V::load_partial(x + nfull * L, tail) - vshift).first(tail);
-  }
-  const A mean = ((s[0] + s[1]) + (s[2] + s[3])).sum() / static_cast<A>(N);
-
-  const V vcenter = V::set1(mean);
-  V q[4] = {V::zero(), V::zero(), V::zero(), V::zero()};
-  v = 0;
-  for (; v + 4 <= nfull; v += 4) {
-    for (int u = 0; u < 4; ++u) {
-      const V d = (V::load(x + (v + u) * L) - vshift) - vcenter;
-      q[u] = madd(d, d, q[u]);
+  for (; v + 2 <= nfull; v += 2) {
+    for (int k = 0; k < R; ++k) {
+      s0[k] = s0[k] + (V::load(xs[k] + v * L) - vshift[k]);
+      s1[k] = s1[k] + (V::load(xs[k] + (v + 1) * L) - vshift[k]);
     }
   }
-  for (int u = 0; v < nfull; ++v, ++u) {
-    const V d = (V::load(x + v * L) - vshift) - vcenter;
-    q[u] = madd(d, d, q[u]);
+  if (v < nfull) {
+    for (int k = 0; k < R; ++k) s0[k] = s0[k] + (V::load(xs[k] + v * L) - vshift[k]);
   }
   if (tail > 0) {
-    const V d = ((V::load_partial(x + nfull * L, tail) - vshift) - vcenter).first(tail);
-    q[3] = madd(d, d, q[3]);
+    for (int k = 0; k < R; ++k) {
+      s1[k] = s1[k] + (V::load_partial(xs[k] + nfull * L, tail) - vshift[k]).first(tail);
+    }
   }
-  const A m2 = ((q[0] + q[1]) + (q[2] + q[3])).sum();
-  return {shift, mean, welford_variance(m2, N)};
+  V vcenter[R];
+  for (int k = 0; k < R; ++k) {
+    out[k].mean = (s0[k] + s1[k]).sum() / static_cast<A>(N);
+    vcenter[k] = V::set1(out[k].mean);
+    s0[k] = V::zero();
+    s1[k] = V::zero();
+  }
+  for (v = 0; v + 2 <= nfull; v += 2) {
+    for (int k = 0; k < R; ++k) {
+      const V d0 = (V::load(xs[k] + v * L) - vshift[k]) - vcenter[k];
+      const V d1 = (V::load(xs[k] + (v + 1) * L) - vshift[k]) - vcenter[k];
+      s0[k] = madd(d0, d0, s0[k]);
+      s1[k] = madd(d1, d1, s1[k]);
+    }
+  }
+  if (v < nfull) {
+    for (int k = 0; k < R; ++k) {
+      const V d = (V::load(xs[k] + v * L) - vshift[k]) - vcenter[k];
+      s0[k] = madd(d, d, s0[k]);
+    }
+  }
+  if (tail > 0) {
+    for (int k = 0; k < R; ++k) {
+      const V d = ((V::load_partial(xs[k] + nfull * L, tail) - vshift[k]) - vcenter[k]).first(tail);
+      s1[k] = madd(d, d, s1[k]);
+    }
+  }
+  for (int k = 0; k < R; ++k) out[k].var = welford_variance((s0[k] + s1[k]).sum(), N);
 }
 
 // Welford over `count` consecutive vectors, as kStreams interleaved streams (stream u takes
@@ -244,10 +271,19 @@ inline RowMoments<A> moments_long(const T* x, int64_t N) {
   return {shift, total.mean, welford_variance(total.m2, total.n)};
 }
 
+template <typename A>
+constexpr bool is_short_row(int64_t N) {
+  return N <= int64_t{kShortRowVectors} * Vec<A>::kSize;
+}
+
 template <typename T, typename A = acc_t<T>>
 inline RowMoments<A> row_moments(const T* x, int64_t N) {
-  return N <= int64_t{kShortRowVectors} * Vec<A>::kSize ? moments_short<T>(x, N)
-                                                        : moments_long<T>(x, N);
+  if (is_short_row<A>(N)) {
+    RowMoments<A> mo;
+    moments_short<1, T>(&x, N, &mo);
+    return mo;
+  }
+  return moments_long<T>(x, N);
 }
 
 // Blocked pairwise summation of S parallel sums over a row: vector lanes accumulate over a chunk
@@ -329,6 +365,44 @@ inline A row_mean_square(const T* x, int64_t N) {
   A sum;
   cascade_finish(cs, &sum);
   return sum / static_cast<A>(N);
+}
+
+// Mean of squares of R short rows at once (RMSNorm), each with the instructions of the one-row
+// version: two accumulators per row (even / odd vectors), the tail in the odd one.
+template <int R, typename T, typename A = acc_t<T>>
+inline void mean_square_short(const T* const* xs, int64_t N, A* out) {
+  using V = Vec<A>;
+  constexpr int L = V::kSize;
+  const int64_t nfull = N / L;
+  const int tail = static_cast<int>(N % L);
+  V s0[R];
+  V s1[R];
+  for (int k = 0; k < R; ++k) {
+    s0[k] = V::zero();
+    s1[k] = V::zero();
+  }
+  int64_t v = 0;
+  for (; v + 2 <= nfull; v += 2) {
+    for (int k = 0; k < R; ++k) {
+      const V a = V::load(xs[k] + v * L);
+      const V b = V::load(xs[k] + (v + 1) * L);
+      s0[k] = madd(a, a, s0[k]);
+      s1[k] = madd(b, b, s1[k]);
+    }
+  }
+  if (v < nfull) {
+    for (int k = 0; k < R; ++k) {
+      const V a = V::load(xs[k] + v * L);
+      s0[k] = madd(a, a, s0[k]);
+    }
+  }
+  if (tail > 0) {
+    for (int k = 0; k < R; ++k) {
+      const V b = V::load_partial(xs[k] + nfull * L, tail);
+      s1[k] = madd(b, b, s1[k]);
+    }
+  }
+  for (int k = 0; k < R; ++k) out[k] = (s0[k] + s1[k]).sum() / static_cast<A>(N);
 }
 
 // --- Forward ---------------------------------------------------------------------------------
@@ -448,6 +522,35 @@ template <NormKind K, WMode kW, bool kB, typename T, typename P, typename A = ac
   return true;
 }
 
+// Row groups. The apply pass reads x, w and b and writes y; once a row and the parameters no
+// longer fit in L1 together (N >= ~2K in fp32), each row would stream w and b from L2 again.
+// Rows are then handled in groups: statistics row by row (x arrives from memory), then the
+// apply pass tile by tile, each tile of w / b (L1-resident) serving every row of the group,
+// whose x rows are still in L2. Only the loop order changes: every element is computed by the
+// same instructions as in a whole-row apply (tiles are whole vectors), so results never depend
+// on the grouping, i.e. on how rows are split across tasks.
+constexpr int64_t kL1Bytes = 24 * 1024;      // x row + parameter rows that stay in L1
+constexpr int64_t kGroupBytes = 256 * 1024;  // x rows of a group that stay in L2
+constexpr int kMaxGroup = 8;
+constexpr int64_t kApplyTile = 1024;  // elements; a multiple of every vector width
+
+// Short rows: groups of kShortGroup rows share one interleaved statistics pass.
+constexpr int kShortGroup = 4;
+
+template <NormKind K, WMode kW, bool kB, typename T, typename P>
+int row_group_size(int64_t N) {
+  if (is_short_row<acc_t<T>>(N)) {
+    return kShortGroup;
+  }
+  constexpr int64_t param_bytes =
+      (kW != WMode::kNone ? int64_t{sizeof(P)} : 0) + (kB ? int64_t{sizeof(P)} : 0);
+  const int64_t row_bytes = N * int64_t{sizeof(T)};
+  if (param_bytes == 0 || N * param_bytes + row_bytes <= kL1Bytes) {
+    return 1;
+  }
+  return static_cast<int>(std::clamp<int64_t>(kGroupBytes / row_bytes, 1, kMaxGroup));
+}
+
 template <NormKind K, WMode kW, bool kB, typename T, typename P>
 void fwd_rows_impl(const FwdParams& p, const P* w, const P* b, int64_t begin, int64_t end) {
   using A = acc_t<T>;
@@ -459,38 +562,93 @@ void fwd_rows_impl(const FwdParams& p, const P* w, const P* b, int64_t begin, in
   const A eps = static_cast<A>(p.eps);
   const T* res = static_cast<const T*>(p.residual);
   T* res_out = static_cast<T*>(p.residual_out);
-  for (int64_t r = begin; r < end; ++r) {
-    const T* xr = x + r * p.x_stride;
-    if (res != nullptr) {
-      // Fused residual add: s = x + residual, rounded to the storage dtype and stored as
-      // residual_out; the rounded s (re-read from L1) is what gets normalised, so the result is
-      // bitwise the unfused norm(x + residual).
-      T* sr = res_out + r * p.residual_out_stride;
-      add_row(xr, res + r * p.residual_stride, sr, N);
-      xr = sr;
+  const int group = row_group_size<K, kW, kB, T, P>(N);
+
+  struct RowState {
+    const T* x;
+    T* y;
+    A shift, mean, rstd;
+    bool done;  // already written by the overflow rescue
+  };
+  const bool short_rows = is_short_row<A>(N);
+  RowState rows[kMaxGroup];
+  for (int64_t r0 = begin; r0 < end; r0 += group) {
+    const int g = static_cast<int>(std::min<int64_t>(group, end - r0));
+    const T* xs[kMaxGroup];
+    for (int k = 0; k < g; ++k) {
+      const int64_t r = r0 + k;
+      RowState& st = rows[k];
+      st.x = x + r * p.x_stride;
+      st.y = y + r * p.y_stride;
+      if (res != nullptr) {
+        // Fused residual add: s = x + residual, rounded to the storage dtype and stored as
+        // residual_out; the rounded s (re-read from cache) is what gets normalised, so the
+        // result is bitwise the unfused norm(x + residual).
+        T* sr = res_out + r * p.residual_out_stride;
+        add_row(st.x, res + r * p.residual_stride, sr, N);
+        st.x = sr;
+      }
+      xs[k] = st.x;
     }
-    RowMoments<A> mo{A(0), A(0), A(0)};
-    A rstd;
-    bool overflow;
-    if constexpr (K == NormKind::kLayerNorm) {
-      mo = row_moments<T>(xr, N);
-      rstd = A(1) / std::sqrt(mo.var + eps);
-      overflow = !(std::isfinite(mo.var) && std::isfinite(mo.mean));
-    } else {
-      const A ms = row_mean_square<T>(xr, N);
-      rstd = A(1) / std::sqrt(ms + eps);
-      overflow = !std::isfinite(ms);
-    }
-    if (overflow) [[unlikely]] {
-      if (rescue_row<K, kW, kB, T, P>(xr, w, b, y + r * p.y_stride, N, eps,
-                                      mean_out != nullptr ? mean_out + r : nullptr,
-                                      rstd_out != nullptr ? rstd_out + r : nullptr)) {
-        continue;
+    RowMoments<A> moments[kMaxGroup];
+    A mean_squares[kMaxGroup];
+    if (short_rows) {
+      if constexpr (K == NormKind::kLayerNorm) {
+        if (g == kShortGroup) {
+          moments_short<kShortGroup, T>(xs, N, moments);
+        } else {
+          for (int k = 0; k < g; ++k) moments_short<1, T>(xs + k, N, moments + k);
+        }
+      } else {
+        if (g == kShortGroup) {
+          mean_square_short<kShortGroup, T>(xs, N, mean_squares);
+        } else {
+          for (int k = 0; k < g; ++k) mean_square_short<1, T>(xs + k, N, mean_squares + k);
+        }
       }
     }
-    if (mean_out != nullptr) mean_out[r] = mo.shift + mo.mean;
-    if (rstd_out != nullptr) rstd_out[r] = rstd;
-    apply_row<K, kW, kB>(xr, w, b, y + r * p.y_stride, N, mo.shift, mo.mean, rstd);
+    for (int k = 0; k < g; ++k) {
+      const int64_t r = r0 + k;
+      RowState& st = rows[k];
+      RowMoments<A> mo{A(0), A(0), A(0)};
+      bool overflow;
+      if constexpr (K == NormKind::kLayerNorm) {
+        mo = short_rows ? moments[k] : moments_long<T>(st.x, N);
+        st.rstd = A(1) / std::sqrt(mo.var + eps);
+        overflow = !(std::isfinite(mo.var) && std::isfinite(mo.mean));
+      } else {
+        const A ms = short_rows ? mean_squares[k] : row_mean_square<T>(st.x, N);
+        st.rstd = A(1) / std::sqrt(ms + eps);
+        overflow = !std::isfinite(ms);
+      }
+      st.shift = mo.shift;
+      st.mean = mo.mean;
+      st.done = false;
+      if (overflow) [[unlikely]] {
+        st.done = rescue_row<K, kW, kB, T, P>(st.x, w, b, st.y, N, eps,
+                                              mean_out != nullptr ? mean_out + r : nullptr,
+                                              rstd_out != nullptr ? rstd_out + r : nullptr);
+        if (st.done) continue;
+      }
+      if (mean_out != nullptr) mean_out[r] = mo.shift + mo.mean;
+      if (rstd_out != nullptr) rstd_out[r] = st.rstd;
+    }
+    if (g == 1) {
+      const RowState& st = rows[0];
+      if (!st.done) apply_row<K, kW, kB>(st.x, w, b, st.y, N, st.shift, st.mean, st.rstd);
+      continue;
+    }
+    for (int64_t j = 0; j < N; j += kApplyTile) {
+      const int64_t len = std::min(kApplyTile, N - j);
+      const P* wj = kW != WMode::kNone ? w + j : nullptr;
+      const P* bj = kB ? b + j : nullptr;
+      for (int k = 0; k < g; ++k) {
+        const RowState& st = rows[k];
+        if (!st.done) {
+          apply_row<K, kW, kB>(st.x + j, wj, bj, st.y + j, len, st.shift, st.mean, st.rstd);
+        }
+      }
+    }
   }
 }
 

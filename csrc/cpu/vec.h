@@ -77,10 +77,8 @@ struct Vec<float> {
     // Native conversion (one instruction, round to nearest even). It treats subnormal inputs as
     // zero and keeps NaN payloads, where torch keeps subnormals and writes 0x7FC0; those lanes
     // (|v| < FLT_MIN and v != 0, or NaN) are rare, so they take the exact integer path below.
-    const __mmask16 tiny_or_nan =
-        _mm512_cmp_ps_mask(_mm512_abs_ps(v), _mm512_set1_ps(0x1.0p-126f), _CMP_NGE_UQ);
-    const __mmask16 slow =
-        _mm512_mask_cmp_ps_mask(tiny_or_nan, v, _mm512_setzero_ps(), _CMP_NEQ_UQ);
+    // One vfpclassps finds both: 0x01 QNaN | 0x80 SNaN | 0x20 subnormal.
+    const __mmask16 slow = _mm512_fpclass_ps_mask(v, 0x01 | 0x80 | 0x20);
     if (C10_LIKELY_LNEXT(slow == 0)) {
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), (__m256i)_mm512_cvtneps_pbh(v));
       return;
