@@ -518,20 +518,21 @@ TORCH_LIBRARY_IMPL(layernorm_ext, CUDA, m) {
   m.impl("layer_norm", TORCH_FN(layer_norm_impl<launch_forward_cuda>));
   m.impl("layer_norm.out", TORCH_FN(layer_norm_out_impl<launch_forward_cuda>));
   m.impl("layer_norm_fwd", TORCH_FN(layer_norm_fwd_impl<launch_forward_cuda>));
-  m.impl("layer_norm_bwd", TORCH_FN(layer_norm_bwd_impl<launch_backward_cuda>));
+  m.impl("layer_norm_bwd", TORCH_FN((layer_norm_bwd_impl<launch_backward_cuda, true>)));
   m.impl("rms_norm", TORCH_FN(rms_norm_impl<launch_forward_cuda>));
   m.impl("rms_norm.out", TORCH_FN(rms_norm_out_impl<launch_forward_cuda>));
   m.impl("rms_norm_fwd", TORCH_FN(rms_norm_fwd_impl<launch_forward_cuda>));
-  m.impl("rms_norm_bwd", TORCH_FN(rms_norm_bwd_impl<launch_backward_cuda>));
-  // Fused residual add: these kernels do not fuse the add yet, so the host computes
-  // residual_out = input + residual (one elementwise kernel) and the norm kernels run on it; the
-  // backward adds the residual gradient after the norm's dx. Same results, one more pass.
-  m.impl("add_layer_norm", TORCH_FN(add_layer_norm_impl<launch_forward_cuda>));
-  m.impl("add_layer_norm_fwd", TORCH_FN(add_layer_norm_fwd_impl<launch_forward_cuda>));
-  m.impl("add_layer_norm_inplace", TORCH_FN(add_layer_norm_inplace_impl<launch_forward_cuda>));
-  m.impl("add_rms_norm", TORCH_FN(add_rms_norm_impl<launch_forward_cuda>));
-  m.impl("add_rms_norm_fwd", TORCH_FN(add_rms_norm_fwd_impl<launch_forward_cuda>));
-  m.impl("add_rms_norm_inplace", TORCH_FN(add_rms_norm_inplace_impl<launch_forward_cuda>));
+  m.impl("rms_norm_bwd", TORCH_FN((rms_norm_bwd_impl<launch_backward_cuda, true>)));
+  // Fused residual add, in the kernels (kFusedAdd = true): one pass over memory. The forward
+  // kernels write residual_out = input + residual and normalise it; the dx kernels add the
+  // residual gradient before rounding dx.
+  m.impl("add_layer_norm", TORCH_FN((add_layer_norm_impl<launch_forward_cuda, true>)));
+  m.impl("add_layer_norm_fwd", TORCH_FN((add_layer_norm_fwd_impl<launch_forward_cuda, true>)));
+  m.impl("add_layer_norm_inplace",
+         TORCH_FN((add_layer_norm_inplace_impl<launch_forward_cuda, true>)));
+  m.impl("add_rms_norm", TORCH_FN((add_rms_norm_impl<launch_forward_cuda, true>)));
+  m.impl("add_rms_norm_fwd", TORCH_FN((add_rms_norm_fwd_impl<launch_forward_cuda, true>)));
+  m.impl("add_rms_norm_inplace", TORCH_FN((add_rms_norm_inplace_impl<launch_forward_cuda, true>)));
 }
 
 }  // namespace layernorm_ext
