@@ -13,10 +13,12 @@
 //    once to T (add_packs), stores it to residual_out and from then on uses the rounded s in place
 //    of x. The norm therefore sees exactly the values of residual_out: y is bitwise the plain
 //    norm of residual_out, the same element -> thread mapping and the same arithmetic.
-//    All loads of a thread's packs are issued before its residual_out stores (the pointers may
-//    alias, so the compiler could not reorder them): in the in-place form residual_out is
-//    residual, and each element is read, then written, by the same thread, and never read by
-//    another thread.
+//    In the in-place form residual_out is residual: each element is read, then written, by the
+//    same thread, and never read by another thread. The pointers may alias, so the compiler
+//    cannot move a load above a residual_out store: the register tier issues every load of the
+//    row before its first store; the sweep tier its U x packs, then the residual packs in two
+//    halves (all U at once would lift the sweep kernels from <= 64 to 72+ registers on sm_90,
+//    i.e. from 2 resident 512-thread blocks per SM to 1, for the plain norm too).
 //
 // Assumptions (checked by the launcher): N >= 1 and M >= 1; every pointer, N and every row stride
 // are compatible with p.width (vec_io.cuh); register tier: N <= threads per row * kPacks * P.
@@ -247,20 +249,24 @@ __global__ void __launch_bounds__(kSweepThreads, 1) fwd_sweep_kernel(const FwdPa
         if (valid[u] > 0) load_pack(raw[u], xr + j * P, p.width, valid[u]);
       }
       if (resr != nullptr) {
-        // Every load before the first residual_out store (see the register tier).
-        Pack<T, P> rp[U];
+        // The residual in two halves after the U x packs (see the top of the file).
+        constexpr int H = U / 2;
 #pragma unroll
-        for (int u = 0; u < U; ++u) {
-          const int64_t j = j0 + u * B;
-          rp[u] = zero_pack<T, P>();
-          if (valid[u] > 0) load_pack(rp[u], resr + j * P, p.width, valid[u]);
-        }
+        for (int h = 0; h < U; h += H) {
+          Pack<T, P> rp[H];
 #pragma unroll
-        for (int u = 0; u < U; ++u) {
-          if (valid[u] == 0) continue;
-          const int64_t j = j0 + u * B;
-          raw[u] = add_packs(raw[u], rp[u]);
-          store_pack(sr + j * P, raw[u], p.width, valid[u]);
+          for (int u = 0; u < H; ++u) {
+            const int64_t j = j0 + (h + u) * B;
+            rp[u] = zero_pack<T, P>();
+            if (valid[h + u] > 0) load_pack(rp[u], resr + j * P, p.width, valid[h + u]);
+          }
+#pragma unroll
+          for (int u = 0; u < H; ++u) {
+            if (valid[h + u] == 0) continue;
+            const int64_t j = j0 + (h + u) * B;
+            raw[h + u] = add_packs(raw[h + u], rp[u]);
+            store_pack(sr + j * P, raw[h + u], p.width, valid[h + u]);
+          }
         }
       }
 #pragma unroll
