@@ -788,3 +788,472 @@ def test_more_than_2_pow_31_elements() -> None:
             dy[r : r + 1], x[r : r + 1], (n,), mr, sr, w, None, False, [True, False, False]
         )
         assert_bitwise(dx[r : r + 1], dxr, f"dx row {r}")
+
+
+# --- fused residual add ---------------------------------------------------------------------------
+#
+# add_layer_norm / add_rms_norm (and their _fwd and in-place forms) run the add inside the norm
+# kernels: s = x + residual in the accumulation type, rounded once to the input dtype, stored as
+# residual_out and normalised from the rounded values. So residual_out is bitwise torch's x + r,
+# y is bitwise the plain norm of residual_out (same kernel, same values, same element -> thread
+# mapping), and the saved statistics are bitwise those of the plain _fwd op on residual_out. The
+# backward adds grad_residual to dx in the accumulation type before dx is rounded: for fp32 /
+# fp64 that is bitwise (plain dx) + grad_residual; for fp16 / bf16 it is one rounding closer.
+
+# Forward: warp tier (<= 1024 16-bit / 512 fp32 / 256 fp64), block-register tier (<= 16384 /
+# 8192 / 4096), sweep with the row cached in shared memory (20000) and re-read from residual_out
+# (131073; 65537 for fp32 / fp64). 1000 / 4100 / 8193 take narrower access widths for some
+# dtypes. Backward: warp <= 512 (256 fp64), block <= 8192 (4096 fp64), sweep beyond.
+FUSED_SIZES = [1, 7, 64, 257, 1000, 1025, 4100, 8193, 16385, 20000, 65537, 131073]
+FUSED_TIER_SIZES = [7, 1000, 4100, 20000, 131073]
+
+
+def run_add(v: Variant, x, r, w, b, eps=None):
+    """(y, residual_out) of the fused op."""
+    eps = eps_of(v) if eps is None else eps
+    n = x.shape[-1]
+    if v.kind == "ln":
+        return layernorm_ext.add_layer_norm(x, r, (n,), w, b, eps, zero_centered_weight=v.zc)
+    return layernorm_ext.add_rms_norm(x, r, (n,), w, eps, zero_centered_weight=v.zc)
+
+
+def run_add_inplace(v: Variant, x, r, w, b, out=None):
+    """In-place form: r <- x + r, returns (y, r)."""
+    n = x.shape[-1]
+    if v.kind == "ln":
+        return layernorm_ext.add_layer_norm(
+            x, r, (n,), w, b, EPS_LN, zero_centered_weight=v.zc, inplace=True, out=out
+        )
+    return layernorm_ext.add_rms_norm(
+        x, r, (n,), w, EPS_RMS, zero_centered_weight=v.zc, inplace=True, out=out
+    )
+
+
+def run_add_fwd(v: Variant, x, r, w, b):
+    """(y, residual_out, mean or None, rstd) of the _fwd op."""
+    n = x.shape[-1]
+    if v.kind == "ln":
+        return tuple(ops.add_layer_norm_fwd(x, r, (n,), w, b, EPS_LN, zero_centered_weight=v.zc))
+    y, s, rstd = ops.add_rms_norm_fwd(x, r, (n,), w, EPS_RMS, zero_centered_weight=v.zc)
+    return y, s, None, rstd
+
+
+def run_fwd_stats(v: Variant, x, w, b):
+    """(y, mean or None, rstd) of the plain _fwd op."""
+    n = x.shape[-1]
+    if v.kind == "ln":
+        return tuple(ops.layer_norm_fwd(x, (n,), w, b, EPS_LN, zero_centered_weight=v.zc))
+    y, rstd = ops.rms_norm_fwd(x, (n,), w, EPS_RMS, zero_centered_weight=v.zc)
+    return y, None, rstd
+
+
+def run_bwd(v: Variant, dy, s, stats, w, b, grad_residual=None, mask=(True, True, True)):
+    """(dx, dw or None, db or None) of the plain _bwd op on the saved sum s."""
+    n = s.shape[-1]
+    mean, rstd = stats
+    if v.kind == "ln":
+        dx, dw, db = ops.layer_norm_bwd(
+            dy, s, (n,), mean, rstd, w, b, v.zc, list(mask), grad_residual
+        )
+    else:
+        dx, dw = ops.rms_norm_bwd(dy, s, (n,), rstd, w, v.zc, list(mask[:2]), grad_residual)
+        db = None
+    return dx, (dw if w is not None else None), (db if b is not None else None)
+
+
+def make_residual(m: int, n: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
+    """A residual stream of a larger scale than the layer output (as in pre-norm blocks)."""
+    g = torch.Generator().manual_seed(seed + 12345)
+    return (3 * torch.randn(m, n, generator=g)).to(dtype).to(DEVICE)
+
+
+def add_grads(v: Variant, x, r, w, b, dy, dres):
+    """(y, residual_out, dx, dr, dw, db) of the fused op through autograd, both outputs with a
+    gradient; dw / db None where the parameter is absent."""
+    leaves = [t.detach().requires_grad_() if t is not None else None for t in (x, r, w, b)]
+    y, s = run_add(v, *leaves)
+    params = [t for t in leaves if t is not None]
+    got = torch.autograd.grad((y, s), params, (dy.to(y.dtype), dres.to(s.dtype)))
+    it = iter(got)
+    dx, dr, dw, db = (next(it) if t is not None else None for t in leaves)
+    return y.detach(), s.detach(), dx, dr, dw, db
+
+
+def check_fused_forward(v: Variant, dt: Dt, x, r, w, b, what: str) -> tuple:
+    """All forward properties of the fused op on (x, r); returns (y, residual_out)."""
+    y, s = run_add(v, x, r, w, b)
+    assert y.dtype == dt.x and s.dtype == dt.x and y.device == x.device
+    s_ref = x + r
+    assert_bitwise(s, s_ref, f"residual_out {what}")
+    assert_bitwise(y, run_ours(v, s_ref, w, b), f"y vs plain norm of x + r {what}")
+    atol_y, _, _ = cond_atol(v, s_ref, w)
+    torch_same = run_torch(v, s_ref, w, b)
+    check(y, reference(v, s_ref, w, b), FWD_TOL[dt.x], f"y {what}", torch_same, atol_y)
+    return y, s
+
+
+@pytest.mark.parametrize("n", FUSED_TIER_SIZES)
+@pytest.mark.parametrize("dt", DTYPES, ids=str)
+@pytest.mark.parametrize("v", VARIANTS, ids=str)
+def test_fused_add_forward(v: Variant, dt: Dt, n: int) -> None:
+    """Every (kind, weight, bias, dtype) instantiation x every tier: residual_out == x + r and
+    y == norm(x + r) bitwise, y against the fp64 reference of the rounded sum, and the _fwd op's
+    statistics bitwise those of the plain _fwd op."""
+    x = make_x(ROWS, n, dt.x, seed=n)
+    r = make_residual(ROWS, n, dt.x, seed=n)
+    w, b = make_params(n, v, dt, seed=n)
+    _, s = check_fused_forward(v, dt, x, r, w, b, f"{v} {dt} N={n}")
+    y2, s2, mean, rstd = run_add_fwd(v, x, r, w, b)
+    y0, mean0, rstd0 = run_fwd_stats(v, s, w, b)
+    assert_bitwise(y2, y0, "y of the _fwd op")
+    assert_bitwise(s2, s, "residual_out of the _fwd op")
+    assert_bitwise(rstd, rstd0, "rstd of the _fwd op")
+    if mean is not None:
+        assert_bitwise(mean, mean0, "mean of the _fwd op")
+
+
+@pytest.mark.parametrize("n", FUSED_SIZES)
+@pytest.mark.parametrize("dt", DTYPES[:4], ids=str)
+@pytest.mark.parametrize("kind", ["ln", "rms"])
+def test_fused_add_sizes(kind: str, dt: Dt, n: int) -> None:
+    """Every tier boundary and access width; 3-D input; a row count that wraps the grid."""
+    v = Variant(kind, True, kind == "ln")
+    m = 3 if n > 20000 else 37
+    x = make_x(m, n, dt.x, seed=n).view(m, 1, n)
+    r = make_residual(m, n, dt.x, seed=n).view(m, 1, n)
+    w, b = make_params(n, v, dt, seed=n)
+    check_fused_forward(v, dt, x, r, w, b, f"{v} {dt} N={n}")
+
+
+@cuda_only
+@pytest.mark.parametrize("n", [100, 1000, 4100, 20000, 131073])
+@pytest.mark.parametrize("dt", [DTYPES[0], DTYPES[2], DTYPES[3], DTYPES[5]], ids=str)
+@pytest.mark.parametrize("kind", ["ln", "rms"])
+def test_fused_add_cpu_and_cuda_agree(kind: str, dt: Dt, n: int) -> None:
+    """The CUDA fused op against the CPU fused op: residual_out bitwise (one rounding of the
+    same sum), y / dx / dw / db within twice the dtype tolerance (the reduction trees differ)."""
+    v = Variant(kind, True, kind == "ln")
+    m = 9
+    x = make_x(m, n, dt.x, seed=n)
+    r = make_residual(m, n, dt.x, seed=n)
+    w, b = make_params(n, v, dt, seed=n)
+    dy = make_x(m, n, dt.x, seed=n + 3)
+    dres = make_x(m, n, dt.x, seed=n + 4)
+    gpu = add_grads(v, x, r, w, b, dy, dres)
+    cpu = add_grads(v, *(t.cpu() if t is not None else None for t in (x, r, w, b, dy, dres)))
+    assert_bitwise(gpu[1], cpu[1].to(DEVICE), "residual_out CPU vs CUDA")
+    tols = (FWD_TOL[dt.x], None, DX_TOL[dt.x], DX_TOL[dt.x], param_tol(dt.p, m), param_tol(dt.p, m))
+    for name, g, c, tol in zip(("y", "s", "dx", "dr", "dw", "db"), gpu, cpu, tols, strict=True):
+        if tol is None or g is None:
+            continue
+        check(g.cpu(), c.double(), (2 * tol[0], 2 * tol[1]), f"{name} CPU vs CUDA {v} {dt} N={n}")
+
+
+@pytest.mark.parametrize("n", [*FUSED_TIER_SIZES, 257, 8193])
+@pytest.mark.parametrize("dt", DTYPES, ids=str)
+@pytest.mark.parametrize("v", [VARIANTS[i] for i in (0, 3, 4, 5, 7)], ids=str)
+def test_fused_add_backward(v: Variant, dt: Dt, n: int) -> None:
+    """Gradients of both outputs through autograd (the _bwd ops with grad_residual): input and
+    residual get equal gradients; against the fp64 reference; dx bitwise (plain dx) +
+    grad_residual for fp32 / fp64; dw / db bitwise independent of grad_residual."""
+    x = make_x(ROWS, n, dt.x, seed=n)
+    r = make_residual(ROWS, n, dt.x, seed=n)
+    w, b = make_params(n, v, dt, seed=n)
+    dy = make_x(ROWS, n, dt.x, seed=n + 7)
+    dres = make_x(ROWS, n, dt.x, seed=n + 9)
+    y, s, dx, dr, dw, db = add_grads(v, x, r, w, b, dy, dres)
+    assert_bitwise(s, x + r, "residual_out")
+    assert_bitwise(dx, dr, "input and residual gradients")
+    assert dx.data_ptr() != dr.data_ptr()
+    # Reference: the fp64 norm of the rounded sum, plus the residual gradient.
+    ry, rdx, rdw, rdb = ref_grads(v, s, w, b, dy)
+    rdx = rdx + dres.double()
+    atol_y, atol_dx, atol_dp = cond_atol(v, s, w, dy)
+    what = f"{v} {dt} N={n}"
+    check(y, ry, FWD_TOL[dt.x], f"y {what}", None, atol_y)
+    check(dx, rdx, DX_TOL[dt.x], f"dx {what}", None, atol_dx)
+    if dw is not None:
+        check(dw, rdw, param_tol(dt.p, ROWS), f"dw {what}", None, atol_dp)
+    if db is not None:
+        check(db, rdb, param_tol(dt.p, ROWS), f"db {what}", None, atol_dp)
+    # The same kernels without grad_residual, on the same saved statistics.
+    _, _, mean, rstd = run_add_fwd(v, x, r, w, b)
+    fused = run_bwd(v, dy, s, (mean, rstd), w, b, dres)
+    plain = run_bwd(v, dy, s, (mean, rstd), w, b, None)
+    assert_bitwise(fused[0], dx, "dx of the _bwd op vs autograd")
+    for name, f_, p_ in zip(("dw", "db"), fused[1:], plain[1:], strict=True):
+        if f_ is not None:
+            assert_bitwise(f_, p_, f"{name} does not depend on grad_residual")
+    if dt.x in (torch.float32, torch.float64):
+        assert_bitwise(fused[0], plain[0] + dres, "dx == plain dx + grad_residual")
+    else:
+        # One rounding of dx + grad_residual (in fp32) instead of rounding dx first, then adding
+        # (two roundings): in total never further from the fp64 value.
+        err_fused = float((fused[0].double() - rdx).abs().sum())
+        err_twice = float(((plain[0] + dres).double() - rdx).abs().sum())
+        assert err_fused <= 1.01 * err_twice + 1e-6 * rdx.numel(), (
+            f"fused dx rounding {what}: total error {err_fused:.4e} vs {err_twice:.4e}"
+        )
+    # dx only (no parameter gradients): the same dx.
+    dx_only = run_bwd(v, dy, s, (mean, rstd), w, b, dres, mask=(True, False, False))[0]
+    assert_bitwise(dx_only, dx, "dx without parameter gradients")
+
+
+@pytest.mark.parametrize("n", [*FUSED_TIER_SIZES, 65536])
+@pytest.mark.parametrize("dt", [DTYPES[0], DTYPES[2], DTYPES[3], DTYPES[5]], ids=str)
+@pytest.mark.parametrize("kind", ["ln", "rms"])
+def test_fused_add_inplace(kind: str, dt: Dt, n: int) -> None:
+    """In-place form (residual_out is the residual tensor): residual == x + r and y == the
+    out-of-place y, bitwise; out= aliasing the input; residual aliasing the input (s = 2x)."""
+    v = Variant(kind, True, kind == "ln")
+    m = 7
+    x = make_x(m, n, dt.x, seed=n)
+    r = make_residual(m, n, dt.x, seed=n)
+    w, b = make_params(n, v, dt, seed=n)
+    y0, s0 = run_add(v, x, r, w, b)
+    res = r.clone()
+    y, res_out = run_add_inplace(v, x, res, w, b)
+    assert res_out is res
+    assert_bitwise(res, s0, "residual updated in place")
+    assert_bitwise(y, y0, "y of the in-place form")
+    # out= the input (decode step): the input is overwritten with the norm.
+    inp, res = x.clone(), r.clone()
+    out, _ = run_add_inplace(v, inp, res, w, b, out=inp)
+    assert out is inp
+    assert_bitwise(inp, y0, "out= aliasing the input")
+    assert_bitwise(res, s0, "residual with out= aliasing the input")
+    # The residual is the input itself: every operand but out is one tensor.
+    both = x.clone()
+    y2, _ = run_add_inplace(v, both, both, w, b)
+    assert_bitwise(both, x + x, "residual aliasing the input")
+    assert_bitwise(y2, run_ours(v, x + x, w, b), "y with the residual aliasing the input")
+    # Several launches on one residual stream, as in a stack of blocks.
+    res = r.clone()
+    expect = r.clone()
+    for i in range(3):
+        h = make_x(m, n, dt.x, seed=n + 100 + i)
+        y_i, _ = run_add_inplace(v, h, res, w, b)
+        expect = h + expect
+        assert_bitwise(res, expect, f"residual after step {i}")
+        assert_bitwise(y_i, run_ours(v, expect, w, b), f"y of step {i}")
+
+
+@pytest.mark.parametrize("n", [8, 96, 768, 1020, 4096, 20000, 65536])
+@pytest.mark.parametrize("dt", [DTYPES[0], DTYPES[1], DTYPES[3], DTYPES[4]], ids=str)
+@pytest.mark.parametrize("kind", ["ln", "rms"])
+def test_fused_add_misaligned_pointers_are_bitwise_equal(kind: str, dt: Dt, n: int) -> None:
+    """Storage offsets 1..7 of input, residual (in place too), out and grad_residual, one at a time
+    and all together, give the aligned results bitwise: the residual pointers and strides take
+    part in the access-width choice."""
+    v = Variant(kind, True, kind == "ln")
+    m = 6
+    x = make_x(m, n, dt.x, seed=n)
+    r = make_residual(m, n, dt.x, seed=n)
+    w, b = make_params(n, v, dt, seed=n)
+    dy = make_x(m, n, dt.x, seed=n + 5)
+    dres = make_x(m, n, dt.x, seed=n + 6)
+    base = add_grads(v, x, r, w, b, dy, dres)
+    names = ("y", "residual_out", "dx", "dr", "dw", "db")
+    for k in range(1, 8):
+        for which in ("x", "r", "dres", "all"):
+            xk = misaligned(x, k) if which in ("x", "all") else x
+            rk = misaligned(r, k) if which in ("r", "all") else r
+            dk = misaligned(dres, k) if which in ("dres", "all") else dres
+            got = add_grads(v, xk, rk, w, b, dy, dk)
+            for name, g, e in zip(names, got, base, strict=True):
+                if e is not None:
+                    assert_bitwise(g, e, f"{name} offset {k} ({which})")
+        res = misaligned(r, k)
+        out = misaligned(torch.zeros_like(x), (k + 3) % 8)
+        run_add_inplace(v, misaligned(x, (k + 5) % 8), res, w, b, out=out)
+        assert_bitwise(res, base[1], f"in-place residual offset {k}")
+        assert_bitwise(out, base[0], f"in-place out offset {k}")
+
+
+@pytest.mark.parametrize("n", [40, 768, 4096, 20000, 70000])
+@pytest.mark.parametrize("dt", [DTYPES[0], DTYPES[3], DTYPES[5]], ids=str)
+@pytest.mark.parametrize("kind", ["ln", "rms"])
+def test_fused_add_strided_rows(kind: str, dt: Dt, n: int) -> None:
+    """Rows of wider tensors (row strides read in place) for input, residual, the in-place
+    residual and grad_residual, each with its own stride, equal the contiguous run bitwise; the
+    in-place form writes nothing outside its view; an expanded (stride 0) residual."""
+    v = Variant(kind, True, kind == "ln")
+    m = 9
+    w, b = make_params(n, v, dt, seed=n)
+    x0 = make_x(m, n, dt.x, seed=n)
+    r0 = make_residual(m, n, dt.x, seed=n)
+    dy = make_x(m, n, dt.x, seed=n + 2)
+    dres0 = make_x(m, n, dt.x, seed=n + 3)
+    base = add_grads(v, x0, r0, w, b, dy, dres0)
+    for pad_x, pad_r in ((1, 8), (8, 13), (13, 1)):
+        x_wide = torch.zeros(m, n + pad_x, dtype=dt.x, device=DEVICE)
+        r_wide = torch.zeros(m, n + pad_r, dtype=dt.x, device=DEVICE)
+        x_wide[:, :n] = x0
+        r_wide[:, :n] = r0
+        x, r = x_wide[:, :n], r_wide[:, :n]
+        assert x.stride(0) == n + pad_x and r.stride(0) == n + pad_r
+        y, s = run_add(v, x, r, w, b)
+        assert_bitwise(y, base[0], f"y pads {pad_x}/{pad_r}")
+        assert_bitwise(s, base[1], f"residual_out pads {pad_x}/{pad_r}")
+        # grad_residual with its own row stride, straight into the _bwd op
+        g_wide = torch.zeros(m, n + pad_r, dtype=dt.x, device=DEVICE)
+        g_wide[:, :n] = dres0
+        _, _, mean, rstd = run_add_fwd(v, x0, r0, w, b)
+        dx = run_bwd(v, dy, base[1], (mean, rstd), w, b, g_wide[:, :n], (True, False, False))[0]
+        assert_bitwise(dx, base[2], f"dx with strided grad_residual pad {pad_r}")
+        # in place into the strided view: only the view changes
+        y2, _ = run_add_inplace(v, x, r, w, b)
+        assert_bitwise(r, base[1], f"in-place strided residual pads {pad_x}/{pad_r}")
+        assert_bitwise(y2, base[0], f"in-place y pads {pad_x}/{pad_r}")
+        assert (r_wide[:, n:] == 0).all(), "the in-place form wrote outside the residual's view"
+    # expanded residual (every row the same): stride 0, read in place
+    row = make_residual(1, n, dt.x, seed=n + 1)
+    y, s = run_add(v, x0, row.expand(m, n), w, b)
+    assert_bitwise(s, x0 + row, "residual_out with an expanded residual")
+    assert_bitwise(y, run_ours(v, x0 + row, w, b), "y with an expanded residual")
+
+
+@pytest.mark.parametrize("n", [64, 4096, 20000])
+@pytest.mark.parametrize("dt", [DTYPES[0], DTYPES[3]], ids=str)
+def test_fused_add_nan_rows_are_isolated(dt: Dt, n: int) -> None:
+    """A NaN / Inf in the residual poisons only its row (of y, residual_out and dx)."""
+    m = 64
+    v = Variant("ln", True, True)
+    x = make_x(m, n, dt.x, seed=n)
+    r = make_residual(m, n, dt.x, seed=n)
+    w, b = make_params(n, v, dt, seed=n)
+    dy = make_x(m, n, dt.x, seed=n + 3)
+    dres = make_x(m, n, dt.x, seed=n + 4)
+    dirty = r.clone()
+    bad = [1, 17, 40]
+    for i, row in enumerate(bad):
+        dirty[row, (5 * row) % n] = float("nan") if i % 2 == 0 else float("inf")
+    clean = add_grads(v, x, r, w, b, dy, dres)
+    got = add_grads(v, x, dirty, w, b, dy, dres)
+    good = [i for i in range(m) if i not in bad]
+    assert torch.isnan(got[0][bad]).all() and torch.isnan(got[2][bad]).all()
+    for name, c, g in zip(("y", "residual_out", "dx"), clean[:3], got[:3], strict=True):
+        assert_bitwise(g[good], c[good], f"{name} of clean rows")
+
+
+@pytest.mark.parametrize("n", [64, 3000, 20000])
+def test_fused_add_batch_invariance(n: int) -> None:
+    """A row's fused results do not depend on the other rows (fixed tiers and mappings)."""
+    dt = DTYPES[3]
+    v = Variant("ln", True, True)
+    m = 200 if n <= 3000 else 24
+    x = make_x(m, n, dt.x, seed=n)
+    r = make_residual(m, n, dt.x, seed=n)
+    w, b = make_params(n, v, dt, seed=n)
+    dy = make_x(m, n, dt.x, seed=n + 1)
+    dres = make_x(m, n, dt.x, seed=n + 2)
+    full = add_grads(v, x, r, w, b, dy, dres)
+    for lo, hi in ((0, 1), (m - 1, m), (5, 19)):
+        part = add_grads(v, x[lo:hi], r[lo:hi], w, b, dy[lo:hi], dres[lo:hi])
+        for name, a, c in zip(("y", "s", "dx", "dr"), part[:4], full[:4], strict=True):
+            assert_bitwise(a, c[lo:hi], f"{name} rows {lo}:{hi}")
+
+
+@cuda_only
+def test_fused_add_no_host_synchronisation() -> None:
+    """The fused forms (each tier, fwd, bwd with grad_residual, in place) sync nothing."""
+    cases = []
+    for n in (64, 3000, 20000, 140000):
+        dt = Dt(torch.bfloat16, torch.float32)
+        v = Variant("ln", True, True)
+        w, b = make_params(n, v, dt, seed=n)
+        x = make_x(16, n, dt.x, seed=n)
+        cases.append((v, x, make_residual(16, n, dt.x, seed=n), w, b))
+    torch.cuda.synchronize()
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for v, x, r, w, b in cases:
+            n = x.shape[-1]
+            y, s, mean, rstd = run_add_fwd(v, x, r, w, b)
+            run_bwd(v, y, s, (mean, rstd), w, b, x)
+            layernorm_ext.add_rms_norm(x, r, (n,), w)
+            run_add_inplace(v, x, r.clone(), w, b, out=torch.empty_like(x))
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
+    torch.cuda.synchronize()
+
+
+def _graph_block(d: int):
+    """The pre-norm block of test_transformer_block (layer_norm, add_rms_norm, add_layer_norm,
+    RMSNorm, rms_norm) on DEVICE, deterministic parameters."""
+    from test_transformer_block import Block
+
+    torch.manual_seed(d)
+    return Block(d).to(DEVICE)
+
+
+def _block_step(block, x, grad):
+    """Forward and backward of the block: output and the gradients of x and every parameter."""
+    out = block(x)
+    params = [x, *block.parameters()]
+    return [out, *torch.autograd.grad(out, params, grad)]
+
+
+@cuda_only
+@pytest.mark.parametrize("d", [32, 1000, 4100])
+def test_fused_add_cuda_graph_transformer_block(d: int) -> None:
+    """A pre-norm transformer block (every norm op, the fused ones included) captured forward and
+    backward in a CUDA graph replays bitwise equal to eager runs on new inputs; so does an
+    inference step through the in-place fused forms. Eager runs on the capture stream (same
+    cuBLAS workspace, so the linear layers match too)."""
+    block = _graph_block(d)
+    m = 24
+    static_x = make_x(m, d, torch.float32, seed=d).view(2, m // 2, d).requires_grad_()
+    static_g = make_x(m, d, torch.float32, seed=d + 1).view(2, m // 2, d)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):  # warm up: kernel loading, occupancy caches, allocator, cuBLAS
+            _block_step(block, static_x, static_g)
+    stream.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=stream):
+        captured = _block_step(block, static_x, static_g)
+
+    # Inference step with the in-place fused forms: residual <- h + residual, out <- norm.
+    w = torch.randn(d, device=DEVICE)
+    b = torch.randn(d, device=DEVICE)
+    static_h = make_x(m, d, torch.float32, seed=d + 2)
+    static_res = make_residual(m, d, torch.float32, seed=d)
+    res_start = static_res.clone()
+    out_ln = torch.empty_like(static_h)
+
+    def infer(h, res, out):
+        layernorm_ext.add_layer_norm(h, res, d, w, b, inplace=True, out=out)
+        layernorm_ext.add_rms_norm(out, res, d, w, 1e-6, inplace=True, out=h)
+        return [out.clone(), h.clone(), res.clone()]
+
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            infer(static_h.clone(), static_res.clone(), torch.empty_like(static_h))
+    stream.synchronize()
+    graph2 = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph2, stream=stream):
+        captured2 = infer(static_h, static_res, out_ln)
+
+    for i in range(3):
+        x = make_x(m, d, torch.float32, seed=100 + i).view_as(static_x)
+        g = make_x(m, d, torch.float32, seed=200 + i).view_as(static_g)
+        h = make_x(m, d, torch.float32, seed=300 + i)
+        with torch.no_grad():
+            static_x.copy_(x)
+            static_g.copy_(g)
+            static_h.copy_(h)
+            static_res.copy_(res_start)
+        for _ in range(20 if i == 0 else 1):
+            graph.replay()
+        graph2.replay()
+        with torch.cuda.stream(stream):
+            eager = _block_step(block, x.clone().requires_grad_(), g)
+            eager2 = infer(h.clone(), res_start.clone(), torch.empty_like(h))
+        stream.synchronize()
+        for j, (c, e) in enumerate(zip(captured, eager, strict=True)):
+            assert_bitwise(c, e, f"block graph output {j} replay {i}")
+        for j, (c, e) in enumerate(zip(captured2, eager2, strict=True)):
+            assert_bitwise(c, e, f"in-place graph output {j} replay {i}")

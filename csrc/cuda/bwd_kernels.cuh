@@ -4,6 +4,10 @@
 //   dx = rstd * (g - mean(g) - xhat * mean(g * xhat))     (RMSNorm: without the mean(g) term)
 //   dw = sum over rows of dy * xhat,  db = sum over rows of dy.
 // The same expressions, in the same association, as cpu/norm_krnl.cpp.
+// Fused residual add (p.grad_residual != null, a run-time choice): the gradient reaching
+// s = x + residual is dx plus the gradient of residual_out, added in the accumulation type to
+// dx's rounded product (acc_mul: never contracted into an FMA) before the single rounding, as
+// the CPU kernels do. For fp32 / fp64 that is bitwise dx, then + grad_residual.
 //
 // Parameter gradients are deterministic without atomics (kernels.md §3.4):
 //  * register tier: the dx kernel is persistent. Block b owns the fixed row range
@@ -50,14 +54,19 @@ __device__ __forceinline__ void bwd_pack(const Pack<T, P>& xr, const Pack<T, P>&
   }
 }
 
-// dx of one pack: (xhat * -mean(g * xhat) + (g - mean(g))) * rstd, rounded once.
+// dx of one pack: (xhat * -mean(g * xhat) + (g - mean(g))) * rstd (+ the residual gradient
+// `gr`, already loaded, when `add`: a run-time choice, uniform over the grid), rounded once.
+// Without it nothing is added (not even a zero, which would turn -0 into +0).
 template <typename A, typename T, int P>
 __device__ __forceinline__ void store_dx(T* dx, const A (&xhat)[P], const A (&g)[P], A mean_g,
-                                         A neg_mean_gx, A rstd, int width, int valid) {
+                                         A neg_mean_gx, A rstd, bool add, const Pack<T, P>& gr,
+                                         int width, int valid) {
   Pack<T, P> out;
 #pragma unroll
   for (int e = 0; e < P; ++e) {
-    out.v[e] = from_acc<T>(acc_fma(xhat[e], neg_mean_gx, g[e] - mean_g) * rstd);
+    A d = acc_mul(acc_fma(xhat[e], neg_mean_gx, g[e] - mean_g), rstd);
+    if (add) d = d + to_acc<A>(gr.v[e]);
+    out.v[e] = from_acc<T>(d);
   }
   store_pack(dx, out, width, valid);
 }
@@ -122,6 +131,7 @@ __global__ void __launch_bounds__(kRegMaxThreads, 1) bwd_register_kernel(const B
   const A* rstd_in = static_cast<const A*>(p.rstd);
   const Pt* w = static_cast<const Pt*>(p.weight);
   T* dx = static_cast<T*>(p.dx);
+  const T* gres = static_cast<const T*>(p.grad_residual);
   const A inv_n = A(1) / static_cast<A>(N);
 
   int cols[kPacks];
@@ -181,13 +191,22 @@ __global__ void __launch_bounds__(kRegMaxThreads, 1) bwd_register_kernel(const B
     if (!active || dx == nullptr) {
       continue;  // nothing below synchronises
     }
+    // Fused residual gradient (only with dx): every pack loaded before the first dx store.
+    Pack<T, P> grp[kPacks];
+#pragma unroll
+    for (int i = 0; i < kPacks; ++i) {
+      grp[i] = zero_pack<T, P>();
+      if (gres != nullptr && owned[i] > 0) {
+        load_pack(grp[i], gres + row * p.grad_residual_stride + cols[i], p.width, owned[i]);
+      }
+    }
     const A mean_g = K == Kind::kLayerNorm ? sums[0] * inv_n : A(0);
     const A neg_mean_gx = -(sums[1] * inv_n);
 #pragma unroll
     for (int i = 0; i < kPacks; ++i) {
       if (owned[i] > 0) {
-        store_dx(dx + row * N + cols[i], xhat[i], gv[i], mean_g, neg_mean_gx, rstd, p.width,
-                 owned[i]);
+        store_dx(dx + row * N + cols[i], xhat[i], gv[i], mean_g, neg_mean_gx, rstd, gres != nullptr,
+                 grp[i], p.width, owned[i]);
       }
     }
   }
@@ -219,11 +238,13 @@ __global__ void __launch_bounds__(kSweepThreads, 1) bwd_sweep_kernel(const BwdPa
   const A* rstd_in = static_cast<const A*>(p.rstd);
   const Pt* w = static_cast<const Pt*>(p.weight);
   T* dx = static_cast<T*>(p.dx);
+  const T* gres = static_cast<const T*>(p.grad_residual);
   const A inv_n = A(1) / static_cast<A>(N);
 
   for (int64_t row = blockIdx.x; row < p.M; row += gridDim.x) {
     const T* xr = x + row * p.x_stride;
     const T* dyr = dy + row * p.dy_stride;
+    const T* grr = gres != nullptr ? gres + row * p.grad_residual_stride : nullptr;
     const A mean = K == Kind::kLayerNorm ? mean_in[row] : A(0);
     const A rstd = rstd_in[row];
     A sums[2] = {A(0), A(0)};
@@ -238,6 +259,7 @@ __global__ void __launch_bounds__(kSweepThreads, 1) bwd_sweep_kernel(const BwdPa
       for (int64_t j0 = threadIdx.x; j0 < packs; j0 += U * B) {
         Pack<T, P> xp[U];
         Pack<T, P> dyp[U];
+        Pack<T, P> grp[U];
         int valid[U];
 #pragma unroll
         for (int u = 0; u < U; ++u) {
@@ -245,6 +267,7 @@ __global__ void __launch_bounds__(kSweepThreads, 1) bwd_sweep_kernel(const BwdPa
           valid[u] = j < packs ? pack_valid(j * P, N, P) : 0;
           xp[u] = zero_pack<T, P>();
           dyp[u] = zero_pack<T, P>();
+          grp[u] = zero_pack<T, P>();
           if (valid[u] > 0) {
             if (pass == 1 && p.cache) {
               xp[u] = x_cache[j];
@@ -253,6 +276,7 @@ __global__ void __launch_bounds__(kSweepThreads, 1) bwd_sweep_kernel(const BwdPa
               load_pack(xp[u], xr + j * P, p.width, valid[u]);
               load_pack(dyp[u], dyr + j * P, p.width, valid[u]);
             }
+            if (pass == 1 && grr != nullptr) load_pack(grp[u], grr + j * P, p.width, valid[u]);
           }
         }
 #pragma unroll
@@ -273,7 +297,8 @@ __global__ void __launch_bounds__(kSweepThreads, 1) bwd_sweep_kernel(const BwdPa
           } else {
             A unused[2] = {A(0), A(0)};
             bwd_pack<K, kW>(xp[u], dyp[u], wp, valid[u], mean, rstd, xhat, gv, dyv, unused);
-            store_dx(dx + row * N + j * P, xhat, gv, mean_g, neg_mean_gx, rstd, p.width, valid[u]);
+            store_dx(dx + row * N + j * P, xhat, gv, mean_g, neg_mean_gx, rstd, grr != nullptr,
+                     grp[u], p.width, valid[u]);
           }
         }
       }

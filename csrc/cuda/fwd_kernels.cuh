@@ -8,6 +8,17 @@
 //  * rstd = rsqrt(var + eps) (see acc_rsqrt), var clamped at 0 in a way that keeps NaN;
 //  * y = ((x - mean) * rstd) * w + b in A, rounded once to the output dtype. Never folded into
 //    x * scale + shift, so a constant row (and N == 1) gives exactly b.
+//  * fused residual add (p.residual != null, a run-time choice: no extra instantiations): the
+//    thread that owns an element loads x and residual, forms s = x + residual in A, rounds it
+//    once to T (add_packs), stores it to residual_out and from then on uses the rounded s in place
+//    of x. The norm therefore sees exactly the values of residual_out: y is bitwise the plain
+//    norm of residual_out, the same element -> thread mapping and the same arithmetic.
+//    In the in-place form residual_out is residual: each element is read, then written, by the
+//    same thread, and never read by another thread. The pointers may alias, so the compiler
+//    cannot move a load above a residual_out store: the register tier issues every load of the
+//    row before its first store; the sweep tier its U x packs, then the residual packs in two
+//    halves (all U at once would lift the sweep kernels from <= 64 to 72+ registers on sm_90,
+//    i.e. from 2 resident 512-thread blocks per SM to 1, for the plain norm too).
 //
 // Assumptions (checked by the launcher): N >= 1 and M >= 1; every pointer, N and every row stride
 // are compatible with p.width (vec_io.cuh); register tier: N <= threads per row * kPacks * P.
@@ -103,6 +114,8 @@ __global__ void __launch_bounds__(kRegMaxThreads, 1) fwd_register_kernel(const F
   const Pt* w = static_cast<const Pt*>(p.weight);
   const Pt* b = static_cast<const Pt*>(p.bias);
   T* y = static_cast<T*>(p.y);
+  const T* res = static_cast<const T*>(p.residual);
+  T* res_out = static_cast<T*>(p.residual_out);
   const A eps = static_cast<A>(p.eps);
   // Divisions before any row is live: the IEEE division calls a slow-path subroutine.
   const A inv_n = A(1) / static_cast<A>(N);
@@ -121,6 +134,25 @@ __global__ void __launch_bounds__(kRegMaxThreads, 1) fwd_register_kernel(const F
       valid[i] = active ? pack_valid(col, N, P) : 0;
       raw[i] = zero_pack<T, P>();
       if (valid[i] > 0) load_pack(raw[i], x + row * p.x_stride + col, p.width, valid[i]);
+    }
+    if (res != nullptr) {
+      // Fused residual add: every load first, then s = x + residual rounded to T, stored to
+      // residual_out; raw then holds s, which is what gets normalised.
+      Pack<T, P> rp[kPacks];
+#pragma unroll
+      for (int i = 0; i < kPacks; ++i) {
+        const int col = (i * g.size + g.lane) * P;
+        rp[i] = zero_pack<T, P>();
+        if (valid[i] > 0) load_pack(rp[i], res + row * p.residual_stride + col, p.width, valid[i]);
+      }
+#pragma unroll
+      for (int i = 0; i < kPacks; ++i) {
+        if (valid[i] > 0) {
+          const int col = (i * g.size + g.lane) * P;
+          raw[i] = add_packs(raw[i], rp[i]);
+          store_pack(res_out + row * p.residual_out_stride + col, raw[i], p.width, valid[i]);
+        }
+      }
     }
 
     A mean = A(0);
@@ -175,6 +207,10 @@ __global__ void __launch_bounds__(kRegMaxThreads, 1) fwd_register_kernel(const F
 // merges. Sweep 2 re-reads the same packs (from shared memory, or from global memory / L2) and
 // writes y. Each thread re-reads only the packs it parked itself, so the cache needs no barrier,
 // and the arithmetic is the same with or without it.
+// Fused residual add: sweep 1 reads x and residual, stores s (rounded) to residual_out and parks /
+// folds s; sweep 2 re-reads s from the cache or from residual_out (never x + residual again: in
+// the in-place form residual has been overwritten by then). The same thread wrote those packs in
+// sweep 1 (same pack -> thread mapping), so its own earlier stores are what it reads.
 template <Kind K, WMode kW, bool kB, typename T, typename Pt>
 __global__ void __launch_bounds__(kSweepThreads, 1) fwd_sweep_kernel(const FwdParams p) {
   using A = acc_t<T>;
@@ -190,11 +226,16 @@ __global__ void __launch_bounds__(kSweepThreads, 1) fwd_sweep_kernel(const FwdPa
   const Pt* w = static_cast<const Pt*>(p.weight);
   const Pt* b = static_cast<const Pt*>(p.bias);
   T* y = static_cast<T*>(p.y);
+  const T* res = static_cast<const T*>(p.residual);
+  T* res_out = static_cast<T*>(p.residual_out);
   const A eps = static_cast<A>(p.eps);
   const A inv_n = A(1) / static_cast<A>(N);
 
   for (int64_t row = blockIdx.x; row < p.M; row += gridDim.x) {
     const T* xr = x + row * p.x_stride;
+    // Fused add: the row that is normalised is residual_out's (sweep 2 re-reads it there).
+    T* sr = res != nullptr ? res_out + row * p.residual_out_stride : nullptr;
+    const T* resr = res != nullptr ? res + row * p.residual_stride : nullptr;
     Welford<A> s{A(0), A(0), 0};
     A ss[1] = {A(0)};
     for (int64_t j0 = threadIdx.x; j0 < packs; j0 += U * B) {
@@ -206,6 +247,27 @@ __global__ void __launch_bounds__(kSweepThreads, 1) fwd_sweep_kernel(const FwdPa
         valid[u] = j < packs ? pack_valid(j * P, N, P) : 0;
         raw[u] = zero_pack<T, P>();
         if (valid[u] > 0) load_pack(raw[u], xr + j * P, p.width, valid[u]);
+      }
+      if (resr != nullptr) {
+        // The residual in two halves after the U x packs (see the top of the file).
+        constexpr int H = U / 2;
+#pragma unroll
+        for (int h = 0; h < U; h += H) {
+          Pack<T, P> rp[H];
+#pragma unroll
+          for (int u = 0; u < H; ++u) {
+            const int64_t j = j0 + (h + u) * B;
+            rp[u] = zero_pack<T, P>();
+            if (valid[h + u] > 0) load_pack(rp[u], resr + j * P, p.width, valid[h + u]);
+          }
+#pragma unroll
+          for (int u = 0; u < H; ++u) {
+            if (valid[h + u] == 0) continue;
+            const int64_t j = j0 + (h + u) * B;
+            raw[h + u] = add_packs(raw[h + u], rp[u]);
+            store_pack(sr + j * P, raw[h + u], p.width, valid[h + u]);
+          }
+        }
       }
 #pragma unroll
       for (int u = 0; u < U; ++u) {
@@ -239,6 +301,7 @@ __global__ void __launch_bounds__(kSweepThreads, 1) fwd_sweep_kernel(const FwdPa
     if (threadIdx.x == 0) write_stats(p, row, mean, rstd);
 
     T* yr = y + row * p.y_stride;
+    const T* src = sr != nullptr ? sr : xr;  // what sweep 2 re-reads without the cache
     for (int64_t j0 = threadIdx.x; j0 < packs; j0 += U * B) {
       Pack<T, P> raw[U];
       int valid[U];
@@ -251,7 +314,7 @@ __global__ void __launch_bounds__(kSweepThreads, 1) fwd_sweep_kernel(const FwdPa
           if (p.cache) {
             raw[u] = cache[j];
           } else {
-            load_pack(raw[u], xr + j * P, p.width, valid[u]);
+            load_pack(raw[u], src + j * P, p.width, valid[u]);
           }
         }
       }

@@ -60,10 +60,18 @@ struct FwdParams {
   void* y;             // [M, N] input dtype, row stride y_stride
   void* mean;          // [M] accumulation type, or null
   void* rstd;          // [M] accumulation type, or null
+  // Fused residual add, or null: s = x + residual (in the accumulation type, rounded once to the
+  // input dtype) is written to residual_out and normalised in place of x. residual_out may be
+  // residual itself (the in-place form) or x itself: each element is read before it is written,
+  // by the thread that writes it, and nothing else reads it afterwards.
+  const void* residual;  // [M, N] input dtype, row stride residual_stride
+  void* residual_out;    // [M, N] input dtype, row stride residual_out_stride
   int64_t M;
   int64_t N;
   int64_t x_stride;
   int64_t y_stride;
+  int64_t residual_stride;
+  int64_t residual_out_stride;
   double eps;
   int width;       // elements per memory access: a power of two dividing the pack (host predicate)
   int log2_group;  // register tier: log2 of the threads per row (<= warp), or -1 for block per row
@@ -78,12 +86,16 @@ struct BwdParams {
   const void* rstd;    // [M] accumulation type
   const void* weight;  // [N] param dtype, or null
   void* dx;            // [M, N] input dtype, contiguous; null when not requested
-  void* dw_partial;    // [gridDim.x, N] accumulation type, or null (register tier only)
-  void* db_partial;    // [gridDim.x, N] accumulation type, or null (register tier only)
+  // Fused residual add, or null: the gradient of residual_out, added to dx in the accumulation
+  // type before dx is rounded (only with dx).
+  const void* grad_residual;  // [M, N] input dtype, row stride grad_residual_stride
+  void* dw_partial;           // [gridDim.x, N] accumulation type, or null (register tier only)
+  void* db_partial;           // [gridDim.x, N] accumulation type, or null (register tier only)
   int64_t M;
   int64_t N;
   int64_t dy_stride;
   int64_t x_stride;
+  int64_t grad_residual_stride;
   int64_t rows_per_block;  // register tier: block b owns rows [b * rows_per_block, ...)
   int width;
   int log2_group;

@@ -304,6 +304,13 @@ void launch_forward_cuda(const FwdProblem& p) {
   k.N = p.N;
   k.x_stride = p.x_stride;
   k.y_stride = p.y_stride;
+  if (p.residual.defined()) {
+    // Fused residual add (kernel comments in fwd_kernels.cuh); residual_out may be residual.
+    k.residual = p.residual.const_data_ptr();
+    k.residual_stride = p.residual_stride;
+    k.residual_out = p.residual_out.mutable_data_ptr();
+    k.residual_out_stride = p.residual_out_stride;
+  }
   k.eps = p.eps;
 
   const int64_t xs = p.x.element_size();
@@ -311,8 +318,9 @@ void launch_forward_cuda(const FwdProblem& p) {
                      : p.bias.defined() ? p.bias.element_size()
                                         : xs;
   const int pack = cuda::pack_elems(static_cast<int>(xs));
-  k.width = access_width(pack, p.N, {p.x_stride, p.y_stride},
-                         {{k.x, xs}, {k.y, xs}, {k.weight, ps}, {k.bias, ps}});
+  k.width = access_width(
+      pack, p.N, {p.x_stride, p.y_stride, k.residual_stride, k.residual_out_stride},
+      {{k.x, xs}, {k.y, xs}, {k.weight, ps}, {k.bias, ps}, {k.residual, xs}, {k.residual_out, xs}});
   const cuda::FwdKernelSet set =
       fwd_kernels(p.kind, p.combo, weight_mode(p.weight, p.zero_centered_weight), p.bias.defined());
   const Plan plan = plan_rows(p.N, pack, cuda::fwd_max_packs(static_cast<int>(xs)),
@@ -410,12 +418,18 @@ void launch_backward_cuda(const BwdProblem& p) {
   k.N = p.N;
   k.dy_stride = p.dy_stride;
   k.x_stride = p.x_stride;
+  if (need_dx && p.grad_residual.defined()) {
+    // Fused residual add: dx += grad_residual inside the dx kernels.
+    k.grad_residual = p.grad_residual.const_data_ptr();
+    k.grad_residual_stride = p.grad_residual_stride;
+  }
 
   const int64_t xs = p.x.element_size();
   const int64_t ps = p.weight.defined() ? p.weight.element_size() : xs;
   const int pack = cuda::pack_elems(static_cast<int>(xs));
-  k.width = access_width(pack, p.N, {p.dy_stride, p.x_stride},
-                         {{k.dy, xs}, {k.x, xs}, {k.dx, xs}, {k.weight, ps}});
+  k.width =
+      access_width(pack, p.N, {p.dy_stride, p.x_stride, k.grad_residual_stride},
+                   {{k.dy, xs}, {k.x, xs}, {k.dx, xs}, {k.weight, ps}, {k.grad_residual, xs}});
   const WMode wmode = weight_mode(p.weight, p.zero_centered_weight);
   const cuda::BwdKernelSet set = bwd_kernels(p.kind, p.combo, wmode);
   const Plan plan = plan_rows(p.N, pack, cuda::bwd_max_packs(static_cast<int>(xs)),
@@ -504,20 +518,21 @@ TORCH_LIBRARY_IMPL(layernorm_ext, CUDA, m) {
   m.impl("layer_norm", TORCH_FN(layer_norm_impl<launch_forward_cuda>));
   m.impl("layer_norm.out", TORCH_FN(layer_norm_out_impl<launch_forward_cuda>));
   m.impl("layer_norm_fwd", TORCH_FN(layer_norm_fwd_impl<launch_forward_cuda>));
-  m.impl("layer_norm_bwd", TORCH_FN(layer_norm_bwd_impl<launch_backward_cuda>));
+  m.impl("layer_norm_bwd", TORCH_FN((layer_norm_bwd_impl<launch_backward_cuda, true>)));
   m.impl("rms_norm", TORCH_FN(rms_norm_impl<launch_forward_cuda>));
   m.impl("rms_norm.out", TORCH_FN(rms_norm_out_impl<launch_forward_cuda>));
   m.impl("rms_norm_fwd", TORCH_FN(rms_norm_fwd_impl<launch_forward_cuda>));
-  m.impl("rms_norm_bwd", TORCH_FN(rms_norm_bwd_impl<launch_backward_cuda>));
-  // Fused residual add: these kernels do not fuse the add yet, so the host computes
-  // residual_out = input + residual (one elementwise kernel) and the norm kernels run on it; the
-  // backward adds the residual gradient after the norm's dx. Same results, one more pass.
-  m.impl("add_layer_norm", TORCH_FN(add_layer_norm_impl<launch_forward_cuda>));
-  m.impl("add_layer_norm_fwd", TORCH_FN(add_layer_norm_fwd_impl<launch_forward_cuda>));
-  m.impl("add_layer_norm_inplace", TORCH_FN(add_layer_norm_inplace_impl<launch_forward_cuda>));
-  m.impl("add_rms_norm", TORCH_FN(add_rms_norm_impl<launch_forward_cuda>));
-  m.impl("add_rms_norm_fwd", TORCH_FN(add_rms_norm_fwd_impl<launch_forward_cuda>));
-  m.impl("add_rms_norm_inplace", TORCH_FN(add_rms_norm_inplace_impl<launch_forward_cuda>));
+  m.impl("rms_norm_bwd", TORCH_FN((rms_norm_bwd_impl<launch_backward_cuda, true>)));
+  // Fused residual add, in the kernels (kFusedAdd = true): one pass over memory. The forward
+  // kernels write residual_out = input + residual and normalise it; the dx kernels add the
+  // residual gradient before rounding dx.
+  m.impl("add_layer_norm", TORCH_FN((add_layer_norm_impl<launch_forward_cuda, true>)));
+  m.impl("add_layer_norm_fwd", TORCH_FN((add_layer_norm_fwd_impl<launch_forward_cuda, true>)));
+  m.impl("add_layer_norm_inplace",
+         TORCH_FN((add_layer_norm_inplace_impl<launch_forward_cuda, true>)));
+  m.impl("add_rms_norm", TORCH_FN((add_rms_norm_impl<launch_forward_cuda, true>)));
+  m.impl("add_rms_norm_fwd", TORCH_FN((add_rms_norm_fwd_impl<launch_forward_cuda, true>)));
+  m.impl("add_rms_norm_inplace", TORCH_FN((add_rms_norm_inplace_impl<launch_forward_cuda, true>)));
 }
 
 }  // namespace layernorm_ext

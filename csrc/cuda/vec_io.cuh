@@ -79,6 +79,12 @@ __device__ __forceinline__ double acc_fma(double a, double b, double c) {
   return __fma_rn(a, b, c);
 }
 
+// a * b rounded on its own, never contracted into a following add (nvcc fuses a * b + c into an
+// FMA by default): the fused residual gradient is dx + grad_residual with dx's product rounded
+// first, as the CPU kernels compute it (and as the unfused dx, then add, would for fp32 / fp64).
+__device__ __forceinline__ float acc_mul(float a, float b) { return __fmul_rn(a, b); }
+__device__ __forceinline__ double acc_mul(double a, double b) { return __dmul_rn(a, b); }
+
 // --- packs -------------------------------------------------------------------------------------
 
 template <typename T, int P>
@@ -173,6 +179,18 @@ __device__ __forceinline__ Pack<T, P> zero_pack() {
 #pragma unroll
   for (int e = 0; e < P; ++e) p.v[e] = from_acc<T>(acc_t<T>(0));
   return p;
+}
+
+// Fused residual add: s = a + b elementwise in the accumulation type, rounded once to T (torch's
+// add, and cpu/norm_krnl.cpp's add_row). Elements past the valid ones are zero in both packs
+// (zero_pack) and stay zero.
+template <typename T, int P>
+__device__ __forceinline__ Pack<T, P> add_packs(const Pack<T, P>& a, const Pack<T, P>& b) {
+  using A = acc_t<T>;
+  Pack<T, P> s;
+#pragma unroll
+  for (int e = 0; e < P; ++e) s.v[e] = from_acc<T>(to_acc<A>(a.v[e]) + to_acc<A>(b.v[e]));
+  return s;
 }
 
 // Number of valid elements of the pack starting at column `col` of a row of N elements.
