@@ -251,6 +251,7 @@ __global__ void __launch_bounds__(kSweepThreads, 1) fwd_sweep_kernel(const FwdPa
       if (resr != nullptr) {
         // The residual in two halves after the U x packs (see the top of the file).
         constexpr int H = U / 2;
+        static_assert(H >= 1 && U % H == 0, "the residual halves need an even unroll");
 #pragma unroll
         for (int h = 0; h < U; h += H) {
           Pack<T, P> rp[H];
