@@ -50,6 +50,9 @@ struct FwdParams {
   double eps = 0.0;
   // Gemma-style weight: y = xhat * (1 + w). Folded in fp32, per element, never into the weight.
   bool zero_centered_weight = false;
+  // Write y with non-temporal stores (outputs far larger than the last-level cache). The caller
+  // guarantees y and every row start y + r * y_stride are 64-byte aligned.
+  bool stream_y = false;
 };
 
 // Backward over rows [begin, end): dx for each row, and the per-column partial sums of

@@ -439,7 +439,8 @@ inline V apply_vec(const V& xv, const P* w, const P* b, int64_t i, int n, const 
   }
 }
 
-template <NormKind K, WMode kW, bool kB, typename T, typename P, typename A = acc_t<T>>
+template <NormKind K, WMode kW, bool kB, bool kStream = false, typename T, typename P,
+          typename A = acc_t<T>>
 inline void apply_row(const T* x, const P* w, const P* b, T* y, int64_t N, A shift, A mean,
                       A rstd) {
   using V = Vec<A>;
@@ -449,7 +450,12 @@ inline void apply_row(const T* x, const P* w, const P* b, T* y, int64_t N, A shi
   const V vrstd = V::set1(rstd);
   int64_t i = 0;
   for (; i + L <= N; i += L) {
-    apply_vec<K, kW, kB, V, T>(V::load(x + i), w, b, i, -1, vshift, vmean, vrstd).store(y + i);
+    const V out = apply_vec<K, kW, kB, V, T>(V::load(x + i), w, b, i, -1, vshift, vmean, vrstd);
+    if constexpr (kStream) {
+      store_stream(out, y + i);
+    } else {
+      out.store(y + i);
+    }
   }
   const int tail = static_cast<int>(N - i);
   if (tail > 0) {
@@ -551,7 +557,7 @@ int row_group_size(int64_t N) {
   return static_cast<int>(std::clamp<int64_t>(kGroupBytes / row_bytes, 1, kMaxGroup));
 }
 
-template <NormKind K, WMode kW, bool kB, typename T, typename P>
+template <NormKind K, WMode kW, bool kB, bool kStream, typename T, typename P>
 void fwd_rows_impl(const FwdParams& p, const P* w, const P* b, int64_t begin, int64_t end) {
   using A = acc_t<T>;
   const int64_t N = p.N;
@@ -635,7 +641,9 @@ void fwd_rows_impl(const FwdParams& p, const P* w, const P* b, int64_t begin, in
     }
     if (g == 1) {
       const RowState& st = rows[0];
-      if (!st.done) apply_row<K, kW, kB>(st.x, w, b, st.y, N, st.shift, st.mean, st.rstd);
+      if (!st.done) {
+        apply_row<K, kW, kB, kStream>(st.x, w, b, st.y, N, st.shift, st.mean, st.rstd);
+      }
       continue;
     }
     for (int64_t j = 0; j < N; j += kApplyTile) {
@@ -645,10 +653,22 @@ void fwd_rows_impl(const FwdParams& p, const P* w, const P* b, int64_t begin, in
       for (int k = 0; k < g; ++k) {
         const RowState& st = rows[k];
         if (!st.done) {
-          apply_row<K, kW, kB>(st.x + j, wj, bj, st.y + j, len, st.shift, st.mean, st.rstd);
+          apply_row<K, kW, kB, kStream>(st.x + j, wj, bj, st.y + j, len, st.shift, st.mean,
+                                        st.rstd);
         }
       }
     }
+  }
+  if constexpr (kStream) stream_fence();
+}
+
+// Non-temporal stores are a separate instantiation (the choice is per call, never per row).
+template <NormKind K, WMode kW, bool kB, typename T, typename P>
+void fwd_rows_impl(const FwdParams& p, const P* w, const P* b, int64_t begin, int64_t end) {
+  if (p.stream_y) {
+    fwd_rows_impl<K, kW, kB, true, T, P>(p, w, b, begin, end);
+  } else {
+    fwd_rows_impl<K, kW, kB, false, T, P>(p, w, b, begin, end);
   }
 }
 

@@ -13,6 +13,8 @@
 
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
+#include <utility>
 
 #include "convert.h"
 
@@ -72,16 +74,26 @@ struct Vec<float> {
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(p),
                         _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
   }
-  void store(BFloat16* p) const {
+  void store(BFloat16* p) const { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), bf16_bits()); }
+  // Non-temporal stores, for outputs much larger than the caches (no read-for-ownership of the
+  // destination lines). p must be aligned to the store width (64 bytes fp32, 32 bytes 16-bit).
+  void stream(float* p) const { _mm512_stream_ps(p, v); }
+  void stream(Half* p) const {
+    _mm256_stream_si256(reinterpret_cast<__m256i*>(p),
+                        _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  }
+  void stream(BFloat16* p) const {
+    _mm256_stream_si256(reinterpret_cast<__m256i*>(p), bf16_bits());
+  }
+  __m256i bf16_bits() const {
 #if defined(__AVX512BF16__)
     // Native conversion (one instruction, round to nearest even). It treats subnormal inputs as
     // zero and keeps NaN payloads, where torch keeps subnormals and writes 0x7FC0; those lanes
-    // (|v| < FLT_MIN and v != 0, or NaN) are rare, so they take the exact integer path below.
-    // One vfpclassps finds both: 0x01 QNaN | 0x80 SNaN | 0x20 subnormal.
+    // are rare, so they take the exact integer path below. One vfpclassps finds them:
+    // 0x01 QNaN | 0x80 SNaN | 0x20 subnormal.
     const __mmask16 slow = _mm512_fpclass_ps_mask(v, 0x01 | 0x80 | 0x20);
     if (C10_LIKELY_LNEXT(slow == 0)) {
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), (__m256i)_mm512_cvtneps_pbh(v));
-      return;
+      return (__m256i)_mm512_cvtneps_pbh(v);
     }
 #endif
     // Round to nearest even in integer arithmetic (keeps subnormals, unlike vcvtneps2bf16),
@@ -92,7 +104,7 @@ struct Vec<float> {
     r = _mm512_srli_epi32(r, 16);
     const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
     r = _mm512_mask_mov_epi32(r, nan, _mm512_set1_epi32(0x7FC0));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(r));
+    return _mm512_cvtepi32_epi16(r);
   }
   // The first n (0 <= n < kSize) elements; the other lanes read as zero and are not touched.
   static Vec load_partial(const float* p, int n) { return {_mm512_maskz_loadu_ps(mask(n), p)}; }
@@ -315,6 +327,29 @@ struct Vec<double> : ArrayVec<double, 4> {
 };
 
 #endif
+
+template <typename V, typename T, typename = void>
+struct HasStream : std::false_type {};
+template <typename V, typename T>
+struct HasStream<V, T, std::void_t<decltype(std::declval<const V&>().stream(std::declval<T*>()))>>
+    : std::true_type {};
+
+// Non-temporal store where the vector type has one (AVX-512), a plain store otherwise.
+template <typename V, typename T>
+inline void store_stream(const V& v, T* p) {
+  if constexpr (HasStream<V, T>::value) {
+    v.stream(p);
+  } else {
+    v.store(p);
+  }
+}
+
+// Orders this thread's non-temporal stores before whatever follows (a no-op without them).
+inline void stream_fence() {
+#if defined(LNEXT_VEC_AVX512) || defined(LNEXT_VEC_AVX2)
+  _mm_sfence();
+#endif
+}
 
 }  // namespace LNEXT_CPU_CAPABILITY
 }  // namespace layernorm_ext::cpu
