@@ -11,7 +11,7 @@ from norm_testing import assert_bitwise_equal, check_result, fwd_tol, use_isa
 
 import layernorm_ext
 
-STREAM_BYTES = 64 << 20
+STREAM_BYTES = 64 << 20  # >= the streaming threshold: max(last-level cache, 32 MiB)
 BLOCK_ROWS = 256  # blocks far below the threshold: the cached path
 
 
