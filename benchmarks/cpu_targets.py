@@ -14,10 +14,11 @@
 5. Two threads against one on in-cache shapes (512×768 and 2048×1024, fp32 and bf16, out=):
    speedup ≥ 1.8× (judged on the worst of those cells; median of three alternating rounds).
 
-γ and β are in the input's dtype throughout. Measurements come from bench_norm and
-bench_overhead. Writes, under benchmarks/results/: the per-cell CSV, the summary as CSV and
-markdown, and a PNG of GB/s against hidden size (ours fresh and out=, ATen, copy) per dtype and
-row count.
+``--op rms_norm`` checks the same targets for RMSNorm (against ``F.rms_norm``, its autograd
+backward, and ``torch.nn.RMSNorm``). γ and β are in the input's dtype throughout. Measurements
+come from bench_norm and bench_overhead. Writes, under benchmarks/results/: the per-cell CSV,
+the summary as CSV and markdown, and a PNG of GB/s against hidden size (ours fresh and out=,
+torch, copy) per dtype and row count.
 
 Examples::
 
@@ -198,7 +199,7 @@ def target_3(cells: Sequence[dict[str, Any]], dtypes: Sequence[str]) -> list[Tar
     ]
 
 
-def target_4(threads: int, min_run_time: float, idle_wait: float) -> list[Target]:
+def target_4(threads: int, min_run_time: float, idle_wait: float, op: str) -> list[Target]:
     """nn.Module per-call latency at 1×768 fp32, parameters requiring grad."""
     out = []
     for ctx, label in (("grad", "grad mode"), ("inference_mode", "inference_mode")):
@@ -215,6 +216,7 @@ def target_4(threads: int, min_run_time: float, idle_wait: float) -> list[Target
             rounds=5,
             idle_wait=idle_wait,
             busy=busy,
+            op=op,
         )
         ours_us, torch_us = t["ours"] * 1e6, t["torch"] * 1e6
         out.append(
@@ -288,10 +290,10 @@ SUMMARY_COLUMNS = [
 ]
 
 
-def plot_title(machine: Machine) -> str:
+def plot_title(machine: Machine, op: str = "layer_norm") -> str:
     """The PNG's title: what, where and with which torch / kernel set."""
     return (
-        f"layer_norm forward, {machine.cpu_model}, {machine.threads} threads, "
+        f"{op} forward, {machine.cpu_model}, {machine.threads} threads, "
         f"torch {machine.torch_version}, {machine.cpu_capability}, {machine.date}"
     )
 
@@ -315,7 +317,7 @@ def plot(cells: Sequence[dict[str, Any]], title: str, path: Path) -> Path | None
     series = [
         ("ours_gbps", "ours", "C0", "-"),
         ("ours_out_gbps", "ours out=", "C2", "--"),
-        ("torch_gbps", "ATen F.layer_norm", "C3", "-"),
+        ("torch_gbps", "torch F", "C3", "-"),
         ("copy_gbps", "copy_", "0.4", ":"),
     ]
     fig, axes = plt.subplots(
@@ -412,6 +414,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "measurement, and repeat one they disturbed (3 tries in all)",
     )
     p.add_argument("--no-save", action="store_true", help="print only; write no result files")
+    p.add_argument("--op", choices=("layer_norm", "rms_norm"), default="layer_norm")
     p.add_argument(
         "--replot",
         type=Path,
@@ -425,6 +428,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         layernorm_ext.set_cpu_capability(args.isa)
     threads = args.threads or torch.get_num_threads()
     cfg = Config(
+        op=args.op,
         threads=threads,
         min_run_time=args.min_run_time,
         max_run_time=1.0,
@@ -435,7 +439,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = replace(cfg, min_run_time=min(cfg.min_run_time, 0.05), max_run_time=0.3)
 
     machine = describe_machine("cpu", threads)
-    print("layernorm_ext CPU performance targets")
+    print(f"layernorm_ext CPU performance targets: {args.op}")
     print("\n".join(f"  {line}" for line in machine.lines()))
     clock = RunClock()
 
@@ -454,7 +458,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     targets += _section("(3) backward vs ATen", lambda: target_3(cells, DEFAULT_DTYPES))
     targets += _section(
         "(4) nn.Module latency, 1×768 fp32",
-        lambda: target_4(threads, 0.1 if args.quick else 0.5, cfg.idle_wait),
+        lambda: target_4(threads, 0.1 if args.quick else 0.5, cfg.idle_wait, args.op),
     )
     targets += _section("(5) thread scaling", lambda: target_5(cfg))
 
@@ -473,14 +477,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.no_save:
         details = "\n".join(f"- ({t.target}) {t.check}: {t.detail}" for t in targets if t.detail)
         stem = (
-            "cpu_targets" + ("_quick" if args.quick else "") + (f"_{args.isa}" if args.isa else "")
+            "cpu_targets"
+            + ("" if args.op == "layer_norm" else f"_{args.op}")
+            + ("_quick" if args.quick else "")
+            + (f"_{args.isa}" if args.isa else "")
         )
         paths = [
             write_csv(result_path(f"{stem}_cells", machine, ".csv"), cells),
             write_csv(result_path(f"{stem}_summary", machine, ".csv"), summary),
             write_markdown(
                 result_path(stem, machine, ".md"),
-                "layernorm_ext CPU performance targets",
+                f"layernorm_ext CPU performance targets: {args.op}",
                 machine,
                 [
                     ("Summary", markdown_table(summary, SUMMARY_COLUMNS)),
@@ -490,7 +497,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 notes=[note],
             ),
         ]
-        png = plot(cells, plot_title(machine), result_path(stem, machine, ".png"))
+        png = plot(cells, plot_title(machine, args.op), result_path(stem, machine, ".png"))
         for path in [*paths, *([png] if png else [])]:
             print(f"wrote {path}")
     return 0
