@@ -780,15 +780,27 @@ void bwd_rows_impl(const BwdParams& p, const P* w, int64_t begin, int64_t end, a
     int64_t v = 0;
     while (v < nfull) {
       const int64_t chunk_end = std::min(nfull, v + kChunk);
-      V a[2][2] = {{V::zero(), V::zero()}, {V::zero(), V::zero()}};
-      for (int u = 0; v < chunk_end; ++v, u ^= 1) {
-        const BV b = BV::load(xr, dyr, w, v * L, -1, vmean, vrstd);
-        a[u][0] = a[u][0] + b.g;
-        a[u][1] = madd(b.g, b.xhat, a[u][1]);
-        grad_partials(b, v * L, -1);
+      // Even / odd vectors into two accumulator pairs, indexed statically (registers).
+      V g0 = V::zero(), gx0 = V::zero(), g1 = V::zero(), gx1 = V::zero();
+      for (; v + 2 <= chunk_end; v += 2) {
+        const BV b0 = BV::load(xr, dyr, w, v * L, -1, vmean, vrstd);
+        const BV b1 = BV::load(xr, dyr, w, (v + 1) * L, -1, vmean, vrstd);
+        g0 = g0 + b0.g;
+        gx0 = madd(b0.g, b0.xhat, gx0);
+        g1 = g1 + b1.g;
+        gx1 = madd(b1.g, b1.xhat, gx1);
+        grad_partials(b0, v * L, -1);
+        grad_partials(b1, (v + 1) * L, -1);
       }
-      cs.chunk[0] = a[0][0] + a[1][0];
-      cs.chunk[1] = a[0][1] + a[1][1];
+      if (v < chunk_end) {
+        const BV b0 = BV::load(xr, dyr, w, v * L, -1, vmean, vrstd);
+        g0 = g0 + b0.g;
+        gx0 = madd(b0.g, b0.xhat, gx0);
+        grad_partials(b0, v * L, -1);
+        ++v;
+      }
+      cs.chunk[0] = g0 + g1;
+      cs.chunk[1] = gx0 + gx1;
       cs.in_chunk = kChunk - 1;
       cs.step();
     }
