@@ -8,9 +8,9 @@
 //    from the inputs, the *_fwd op (y plus statistics) redispatched below autograd, the output's
 //    history set, and x, the parameters and the statistics saved as SavedVariables (version
 //    checked on unpack). Its apply calls the *_bwd op through the dispatcher. A
-//    torch::autograd::Function costs ~1.5 us more per call at (1, 768) (VariableInfo per input
-//    and output, saved_data hash map, _wrap_outputs' bookkeeping) and refuses compiled autograd
-//    hooks and functorch anyway.
+//    torch::autograd::Function cost ~1.4 us more per call at (1, 768) (VariableInfo per input
+//    and output, saved_data hash map, _wrap_outputs' bookkeeping) and refuses functorch
+//    transforms (torch.func.grad works with this node).
 //  * The *_fwd / *_bwd ops and the out= overloads get autograd's "not implemented" fallback, so
 //    differentiating them (double backward included) raises a clear error.
 //  * Forward-mode AD is not implemented: a tangent on any input raises (rather than being
