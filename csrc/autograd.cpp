@@ -1,19 +1,31 @@
 // Autograd for the public ops, in C++ at the Autograd dispatch key (the torchvision pattern):
-// no Python on the per-call path. Measured on a (1, 768) fp32 call, a Python-registered autograd
-// formula costs ~10 us per call and ~33 us once the weight requires grad, against ~6-8 us here.
+// no Python on the per-call path.
 //
 //  * No gradient needed (grad mode off, or nothing requires grad): redispatch straight to the
 //    y-only kernel; nothing is saved, no graph node is made.
-//  * Otherwise a torch::autograd::Function calls the *_fwd op (y plus statistics), saves x, the
-//    parameters and the statistics, and its backward calls the *_bwd op through the dispatcher.
+//  * Otherwise the kernel builds the graph node itself, as ATen's generated autograd kernels do
+//    (NativeLayerNormBackward0): one NormBackward node for all four ops, its next edges collected
+//    from the inputs, the *_fwd op (y plus statistics) redispatched below autograd, the output's
+//    history set, and x, the parameters and the statistics saved as SavedVariables (version
+//    checked on unpack). Its apply calls the *_bwd op through the dispatcher. A
+//    torch::autograd::Function cost ~1.4 us more per call at (1, 768) (VariableInfo per input
+//    and output, saved_data hash map, _wrap_outputs' bookkeeping) and refuses functorch
+//    transforms (torch.func.grad works with this node).
 //  * The *_fwd / *_bwd ops and the out= overloads get autograd's "not implemented" fallback, so
 //    differentiating them (double backward included) raises a clear error.
+//  * Forward-mode AD is not implemented: a tangent on any input raises (rather than being
+//    silently dropped).
 
 #include <torch/autograd.h>
 #include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
+#include <torch/csrc/autograd/function.h>
+#include <torch/csrc/autograd/functions/utils.h>
+#include <torch/csrc/autograd/saved_variable.h>
 #include <torch/csrc/autograd/variable.h>
+#include <torch/csrc/dynamo/compiled_autograd.h>
 #include <torch/library.h>
 
+#include <array>
 #include <vector>
 
 #include "ops.h"
@@ -21,229 +33,290 @@
 namespace layernorm_ext {
 namespace {
 
-using torch::autograd::AutogradContext;
+using torch::autograd::SavedVariable;
 using torch::autograd::variable_list;
 using OptTensor = std::optional<at::Tensor>;
 
-bool defined(const OptTensor& t) { return t.has_value() && t->defined(); }
-
-bool any_requires_grad(const at::Tensor& input, const OptTensor& weight, const OptTensor& bias) {
-  return at::GradMode::is_enabled() &&
-         (input.requires_grad() || (defined(weight) && weight->requires_grad()) ||
-          (defined(bias) && bias->requires_grad()));
+// Forward-mode AD has no formula here: raise instead of returning an output without tangent.
+template <class... Ts>
+void check_no_tangent(const char* op, const Ts&... tensors) {
+  TORCH_CHECK_NOT_IMPLEMENTED(!(torch::autograd::isFwGradDefined(tensors) || ...),
+                              "layernorm_ext::", op,
+                              ": forward-mode automatic differentiation is not implemented");
 }
 
-// Number of trailing dims normalised; the shape itself is re-read from the saved input, which
-// keeps symbolic sizes symbolic under torch.compile.
-c10::SymIntArrayRef normalized_shape_of(const at::Tensor& input, int64_t normalized_ndim) {
-  return input.sym_sizes().slice(input.dim() - normalized_ndim);
-}
-
-// Converts the bwd op's "empty when not requested" convention to autograd's undefined tensor.
-at::Tensor grad_or_undefined(bool requested, const at::Tensor& g) {
-  return requested ? g : at::Tensor();
-}
-
-class LayerNormFunction : public torch::autograd::Function<LayerNormFunction> {
- public:
-  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& input,
-                            c10::SymIntArrayRef normalized_shape, const OptTensor& weight,
-                            const OptTensor& bias, double eps, bool zero_centered_weight) {
-    at::AutoDispatchBelowADInplaceOrView guard;
-    auto [out, mean, rstd] =
-        ops::layer_norm_fwd().call(input, normalized_shape, weight, bias, eps, zero_centered_weight);
-    ctx->save_for_backward({input, weight.value_or(at::Tensor()), bias.value_or(at::Tensor()),
-                            mean, rstd});
-    ctx->saved_data["normalized_ndim"] = static_cast<int64_t>(normalized_shape.size());
-    ctx->saved_data["zero_centered_weight"] = zero_centered_weight;
-    return out;
-  }
-
-  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
-    const variable_list saved = ctx->get_saved_variables();
-    const at::Tensor& input = saved[0];
-    const at::Tensor& weight = saved[1];
-    const at::Tensor& bias = saved[2];
-    const int64_t normalized_ndim = ctx->saved_data["normalized_ndim"].toInt();
-    const bool zero_centered_weight = ctx->saved_data["zero_centered_weight"].toBool();
-    // Autograd edges exist only for defined tensors: input, then weight, then bias.
-    size_t edge = 0;
-    const bool need_input = ctx->needs_input_grad(edge++);
-    const bool need_weight = weight.defined() && ctx->needs_input_grad(edge++);
-    const bool need_bias = bias.defined() && ctx->needs_input_grad(edge++);
-    const at::Tensor& grad_out = grad_outputs[0];
-    if (!grad_out.defined() || !(need_input || need_weight || need_bias)) {
-      return {at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
-    }
-    auto [dx, dw, db] = ops::layer_norm_bwd().call(
-        grad_out, input, normalized_shape_of(input, normalized_ndim), saved[3], saved[4],
-        weight.defined() ? OptTensor(weight) : std::nullopt,
-        bias.defined() ? OptTensor(bias) : std::nullopt, zero_centered_weight,
-        {need_input, need_weight, need_bias}, std::nullopt);
-    return {grad_or_undefined(need_input, dx), at::Tensor(), grad_or_undefined(need_weight, dw),
-            grad_or_undefined(need_bias, db), at::Tensor(), at::Tensor()};
-  }
+// What a NormBackward node differentiates.
+struct NormKind {
+  bool rms;                   // RMSNorm (no mean, no bias) rather than LayerNorm
+  bool fused;                 // add_*_norm: two inputs (input, residual), two outputs
+  bool zero_centered_weight;  // the op's keyword
+  int64_t normalized_ndim;    // trailing dims normalised (the shape is re-read from the input,
+                              // which keeps symbolic sizes symbolic under torch.compile)
 };
 
-class RMSNormFunction : public torch::autograd::Function<RMSNormFunction> {
- public:
-  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& input,
-                            c10::SymIntArrayRef normalized_shape, const OptTensor& weight,
-                            std::optional<double> eps, bool zero_centered_weight) {
-    at::AutoDispatchBelowADInplaceOrView guard;
-    auto [out, rstd] =
-        ops::rms_norm_fwd().call(input, normalized_shape, weight, eps, zero_centered_weight);
-    ctx->save_for_backward({input, weight.value_or(at::Tensor()), rstd});
-    ctx->saved_data["normalized_ndim"] = static_cast<int64_t>(normalized_shape.size());
-    ctx->saved_data["zero_centered_weight"] = zero_centered_weight;
-    return out;
+// The gradients for a NormBackward node's edges. need[i]: edge i wants its gradient. `input` is
+// x, or residual_out for the fused ops (whose grads[1] is the gradient of residual_out).
+variable_list norm_backward(const NormKind& k, const std::vector<bool>& need,
+                            const variable_list& grads, const at::Tensor& input,
+                            const OptTensor& weight, const OptTensor& bias, const OptTensor& mean,
+                            const at::Tensor& rstd) {
+  const size_t w = k.fused ? 2 : 1;  // edge of the weight
+  const bool need_in = need[0];
+  const bool need_res = k.fused && need[1];
+  const bool need_x = need_in || need_res;
+  const bool need_w = need[w];
+  const bool need_b = !k.rms && need[w + 1];
+  variable_list result(need.size());
+  const at::Tensor& grad_out = grads[0];
+  const at::Tensor grad_res = k.fused ? grads[1] : at::Tensor();
+  if (!(need_x || need_w || need_b) || !(grad_out.defined() || grad_res.defined())) {
+    return result;
   }
-
-  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
-    const variable_list saved = ctx->get_saved_variables();
-    const at::Tensor& input = saved[0];
-    const at::Tensor& weight = saved[1];
-    const int64_t normalized_ndim = ctx->saved_data["normalized_ndim"].toInt();
-    const bool zero_centered_weight = ctx->saved_data["zero_centered_weight"].toBool();
-    size_t edge = 0;
-    const bool need_input = ctx->needs_input_grad(edge++);
-    const bool need_weight = weight.defined() && ctx->needs_input_grad(edge++);
-    const at::Tensor& grad_out = grad_outputs[0];
-    if (!grad_out.defined() || !(need_input || need_weight)) {
-      return {at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
-    }
-    auto [dx, dw] = ops::rms_norm_bwd().call(
-        grad_out, input, normalized_shape_of(input, normalized_ndim), saved[2],
-        weight.defined() ? OptTensor(weight) : std::nullopt, zero_centered_weight,
-        {need_input, need_weight}, std::nullopt);
-    return {grad_or_undefined(need_input, dx), at::Tensor(), grad_or_undefined(need_weight, dw),
-            at::Tensor(), at::Tensor()};
-  }
-};
-
-// Fused residual add + norm. Both outputs are differentiable; the norm's backward runs on the
-// saved sum (residual_out, an output, so no reference cycle) and adds the gradient of
-// residual_out in the same kernel. input and residual receive the same gradient.
-class AddNormFunction : public torch::autograd::Function<AddNormFunction> {
- public:
-  static variable_list forward(AutogradContext* ctx, const at::Tensor& input,
-                               const at::Tensor& residual, c10::SymIntArrayRef normalized_shape,
-                               const OptTensor& weight, const OptTensor& bias,
-                               std::optional<double> eps, bool zero_centered_weight, bool rms) {
-    at::AutoDispatchBelowADInplaceOrView guard;
-    at::Tensor out, residual_out, mean, rstd;
-    if (rms) {
-      std::tie(out, residual_out, rstd) = ops::add_rms_norm_fwd().call(
-          input, residual, normalized_shape, weight, eps, zero_centered_weight);
+  at::Tensor dx, dw, db;
+  if (!grad_out.defined()) {
+    dx = grad_res;  // only residual_out was used: nothing flows through the norm
+  } else {
+    const OptTensor grad_res_opt = grad_res.defined() ? OptTensor(grad_res) : std::nullopt;
+    const auto shape = input.sym_sizes().slice(input.dim() - k.normalized_ndim);
+    if (k.rms) {
+      std::tie(dx, dw) =
+          ops::rms_norm_bwd().call(grad_out, input, shape, rstd, weight, k.zero_centered_weight,
+                                   {need_x, need_w}, grad_res_opt);
     } else {
-      std::tie(out, residual_out, mean, rstd) = ops::add_layer_norm_fwd().call(
-          input, residual, normalized_shape, weight, bias, eps.value(), zero_centered_weight);
+      std::tie(dx, dw, db) = ops::layer_norm_bwd().call(grad_out, input, shape, mean.value(), rstd,
+                                                        weight, bias, k.zero_centered_weight,
+                                                        {need_x, need_w, need_b}, grad_res_opt);
     }
-    ctx->save_for_backward({residual_out, weight.value_or(at::Tensor()),
-                            bias.value_or(at::Tensor()), mean, rstd});
-    ctx->saved_data["normalized_ndim"] = static_cast<int64_t>(normalized_shape.size());
-    ctx->saved_data["zero_centered_weight"] = zero_centered_weight;
-    ctx->saved_data["rms"] = rms;
-    return {out, residual_out};
+  }
+  if (need_in) result[0] = dx;
+  // input and residual get the same gradient, as two tensors (autograd may accumulate into one
+  // of them in place).
+  if (need_res) result[1] = need_in ? dx.clone() : dx;
+  if (need_w) result[w] = dw;
+  if (need_b) result[w + 1] = db;
+  return result;
+}
+
+OptTensor opt(at::Tensor t) { return t.defined() ? OptTensor(std::move(t)) : std::nullopt; }
+
+// The backward node of layer_norm, rms_norm, add_layer_norm and add_rms_norm. Next edges, in
+// order: input, residual (fused ops only), weight, bias (LayerNorm only); absent optional
+// parameters get an invalid edge, as in ATen's generated nodes.
+class NormBackward final : public torch::autograd::Node {
+ public:
+  explicit NormBackward(const NormKind& kind) : kind_(kind) {}
+
+  std::string name() const override {
+    return kind_.rms ? (kind_.fused ? "layernorm_ext::AddRMSNormBackward"
+                                    : "layernorm_ext::RMSNormBackward")
+                     : (kind_.fused ? "layernorm_ext::AddLayerNormBackward"
+                                    : "layernorm_ext::LayerNormBackward");
   }
 
-  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
-    const variable_list saved = ctx->get_saved_variables();
-    const at::Tensor& sum = saved[0];
-    const at::Tensor& weight = saved[1];
-    const at::Tensor& bias = saved[2];
-    const int64_t normalized_ndim = ctx->saved_data["normalized_ndim"].toInt();
-    const bool zero_centered_weight = ctx->saved_data["zero_centered_weight"].toBool();
-    const bool rms = ctx->saved_data["rms"].toBool();
-    size_t edge = 0;
-    const bool need_input = ctx->needs_input_grad(edge++);
-    const bool need_residual = ctx->needs_input_grad(edge++);
-    const bool need_weight = weight.defined() && ctx->needs_input_grad(edge++);
-    const bool need_bias = bias.defined() && ctx->needs_input_grad(edge++);
-    const bool need_sum = need_input || need_residual;
-    variable_list grads(8);
-    if (!(need_sum || need_weight || need_bias)) {
-      return grads;
-    }
-    const at::Tensor& grad_out = grad_outputs[0];
-    const OptTensor grad_residual =
-        grad_outputs[1].defined() ? OptTensor(grad_outputs[1]) : std::nullopt;
-    const auto shape = normalized_shape_of(sum, normalized_ndim);
-    const OptTensor w = weight.defined() ? OptTensor(weight) : std::nullopt;
-    at::Tensor dsum, dw, db;
-    if (rms) {
-      std::tie(dsum, dw) = ops::rms_norm_bwd().call(grad_out, sum, shape, saved[4], w,
-                                                    zero_centered_weight,
-                                                    {need_sum, need_weight}, grad_residual);
-    } else {
-      std::tie(dsum, dw, db) = ops::layer_norm_bwd().call(
-          grad_out, sum, shape, saved[3], saved[4], w,
-          bias.defined() ? OptTensor(bias) : std::nullopt, zero_centered_weight,
-          {need_sum, need_weight, need_bias}, grad_residual);
-    }
-    // Two distinct tensors: autograd may accumulate into one of them in place.
-    grads[0] = need_input ? dsum : at::Tensor();
-    grads[1] = need_residual ? (need_input ? dsum.clone() : dsum) : at::Tensor();
-    grads[3] = grad_or_undefined(need_weight, dw);
-    grads[4] = grad_or_undefined(need_bias, db);
-    return grads;
+  // `input` is x, or for the fused ops residual_out: an output of this node, saved as such so
+  // that it does not hold its own grad_fn (no reference cycle). Call after set_history.
+  void save(const at::Tensor& input, const OptTensor& weight, const OptTensor& bias,
+            const at::Tensor& mean, const at::Tensor& rstd) {
+    input_ = SavedVariable(input, /*is_output=*/kind_.fused);
+    if (weight.has_value()) weight_ = SavedVariable(*weight, false);
+    if (bias.has_value()) bias_ = SavedVariable(*bias, false);
+    if (mean.defined()) mean_ = SavedVariable(mean, false);
+    rstd_ = SavedVariable(rstd, false);
   }
+
+  variable_list apply(variable_list&& grads) override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    const auto self = getptr();
+    return norm_backward(kind_, needs(), grads, input_.unpack(self), opt(weight_.unpack(self)),
+                         opt(bias_.unpack(self)), opt(mean_.unpack(self)), rstd_.unpack(self));
+  }
+
+  void release_variables() override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    for (SavedVariable* v : saved()) v->reset_data();
+  }
+
+  // Compiled autograd: the saved tensors become graph inputs, the kind specialises the graph,
+  // and the backward enters the graph as one opaque call (as ATen's generated nodes do).
+  void compiled_args(torch::dynamo::autograd::CompiledNodeArgs& args) const override {
+    args.collect(kind_.rms);
+    args.collect(kind_.fused);
+    args.collect(kind_.zero_centered_weight);
+    args.collect(kind_.normalized_ndim);
+    args.collect(input_, kind_.fused);
+    for (const SavedVariable* v : {&weight_, &bias_, &mean_, &rstd_}) args.collect(*v, false);
+  }
+
+  variable_list apply_with_saved(const variable_list& grads,
+                                 torch::dynamo::autograd::SwapSavedVariables& saved) override {
+    using torch::dynamo::autograd::IValuePacker;
+    for (SavedVariable* v : this->saved()) saved.before(*v);
+    const auto self = getptr();
+    torch::dynamo::autograd::PackedArgs args;
+    args.pack(needs());
+    args.pack(kind_.rms);
+    args.pack(kind_.fused);
+    args.pack(kind_.zero_centered_weight);
+    args.pack(kind_.normalized_ndim);
+    args.pack(input_.unpack(self));
+    for (const SavedVariable* v : {&weight_, &bias_, &mean_}) args.pack(opt(v->unpack(self)));
+    args.pack(rstd_.unpack(self));
+    std::vector<at::TypePtr> schema = {IValuePacker<std::vector<bool>>::packed_type(),
+                                       IValuePacker<bool>::packed_type(),
+                                       IValuePacker<bool>::packed_type(),
+                                       IValuePacker<bool>::packed_type(),
+                                       IValuePacker<int64_t>::packed_type(),
+                                       IValuePacker<at::Tensor>::packed_type(),
+                                       IValuePacker<OptTensor>::packed_type(),
+                                       IValuePacker<OptTensor>::packed_type(),
+                                       IValuePacker<OptTensor>::packed_type(),
+                                       IValuePacker<at::Tensor>::packed_type()};
+    const auto& py = torch::dynamo::autograd::getPyCompilerInterface();
+    const std::string fn = py->bind_function(saved.get_py_compiler(), "layernorm_ext_NormBackward",
+                                             &norm_backward_ivalue, std::move(schema),
+                                             /*is_custom_function=*/true, /*is_traceable=*/true);
+    variable_list result = py->call_function(
+        saved.get_py_compiler(), "apply_functional", fn, grads, args.vec(),
+        IValuePacker<std::vector<std::optional<torch::autograd::InputMetadata>>>::pack(
+            torch::dynamo::autograd::get_input_metadata(next_edges())));
+    for (SavedVariable* v : this->saved()) saved.after(*v);
+    return result;
+  }
+
+ private:
+  std::array<SavedVariable*, 5> saved() { return {&input_, &weight_, &bias_, &mean_, &rstd_}; }
+
+  std::vector<bool> needs() const {
+    std::vector<bool> need(num_outputs());
+    for (size_t i = 0; i < need.size(); ++i) need[i] = task_should_compute_output(i);
+    return need;
+  }
+
+  // norm_backward on the arguments apply_with_saved packs (what the compiled graph calls).
+  static variable_list norm_backward_ivalue(const variable_list& grads,
+                                            const std::vector<c10::IValue>& packed) {
+    torch::dynamo::autograd::PackedArgs args(packed);
+    const auto need = args.unpack<std::vector<bool>>();
+    NormKind k{};
+    k.rms = args.unpack<bool>();
+    k.fused = args.unpack<bool>();
+    k.zero_centered_weight = args.unpack<bool>();
+    k.normalized_ndim = args.unpack<int64_t>();
+    const auto input = args.unpack<at::Tensor>();
+    const auto weight = args.unpack<OptTensor>();
+    const auto bias = args.unpack<OptTensor>();
+    const auto mean = args.unpack<OptTensor>();
+    const auto rstd = args.unpack<at::Tensor>();
+    return norm_backward(k, need, grads, input, weight, bias, mean, rstd);
+  }
+
+  NormKind kind_;
+  SavedVariable input_, weight_, bias_, mean_, rstd_;
 };
 
-bool any_requires_grad(const at::Tensor& a, const at::Tensor& b, const OptTensor& weight,
-                       const OptTensor& bias) {
-  return any_requires_grad(a, weight, bias) || (at::GradMode::is_enabled() && b.requires_grad());
-}
-
-std::tuple<at::Tensor, at::Tensor> add_layer_norm_autograd(
-    const at::Tensor& input, const at::Tensor& residual, c10::SymIntArrayRef normalized_shape,
-    const OptTensor& weight, const OptTensor& bias, double eps, bool zero_centered_weight) {
-  if (!any_requires_grad(input, residual, weight, bias)) {
-    at::AutoDispatchBelowADInplaceOrView guard;
-    return ops::add_layer_norm().call(input, residual, normalized_shape, weight, bias, eps,
-                                      zero_centered_weight);
-  }
-  auto outs = AddNormFunction::apply(input, residual, normalized_shape, weight, bias,
-                                     std::optional<double>(eps), zero_centered_weight, false);
-  return {outs[0], outs[1]};
-}
-
-std::tuple<at::Tensor, at::Tensor> add_rms_norm_autograd(const at::Tensor& input,
-                                                         const at::Tensor& residual,
-                                                         c10::SymIntArrayRef normalized_shape,
-                                                         const OptTensor& weight,
-                                                         std::optional<double> eps,
-                                                         bool zero_centered_weight) {
-  if (!any_requires_grad(input, residual, weight, std::nullopt)) {
-    at::AutoDispatchBelowADInplaceOrView guard;
-    return ops::add_rms_norm().call(input, residual, normalized_shape, weight, eps,
-                                    zero_centered_weight);
-  }
-  auto outs = AddNormFunction::apply(input, residual, normalized_shape, weight, std::nullopt,
-                                     eps, zero_centered_weight, true);
-  return {outs[0], outs[1]};
+c10::intrusive_ptr<NormBackward> make_node(bool rms, bool fused,
+                                           c10::SymIntArrayRef normalized_shape,
+                                           bool zero_centered_weight,
+                                           torch::autograd::edge_list&& next_edges) {
+  auto node = c10::make_intrusive<NormBackward>(
+      NormKind{rms, fused, zero_centered_weight, static_cast<int64_t>(normalized_shape.size())});
+  node->set_next_edges(std::move(next_edges));
+  return node;
 }
 
 at::Tensor layer_norm_autograd(const at::Tensor& input, c10::SymIntArrayRef normalized_shape,
                                const OptTensor& weight, const OptTensor& bias, double eps,
                                bool zero_centered_weight) {
-  if (!any_requires_grad(input, weight, bias)) {
+  check_no_tangent("layer_norm", input, weight, bias);
+  if (!torch::autograd::compute_requires_grad(input, weight, bias)) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    return ops::layer_norm().call(input, normalized_shape, weight, bias, eps,
-                                  zero_centered_weight);
+    return ops::layer_norm().call(input, normalized_shape, weight, bias, eps, zero_centered_weight);
   }
-  return LayerNormFunction::apply(input, normalized_shape, weight, bias, eps,
-                                  zero_centered_weight);
+  auto node = make_node(false, false, normalized_shape, zero_centered_weight,
+                        torch::autograd::collect_next_edges(input, weight, bias));
+  at::Tensor out, mean, rstd;
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    std::tie(out, mean, rstd) = ops::layer_norm_fwd().call(input, normalized_shape, weight, bias,
+                                                           eps, zero_centered_weight);
+  }
+  torch::autograd::set_history(out, node);
+  node->save(input, weight, bias, mean, rstd);
+  torch::autograd::fire_node_creation_hooks(node);
+  return out;
 }
 
 at::Tensor rms_norm_autograd(const at::Tensor& input, c10::SymIntArrayRef normalized_shape,
                              const OptTensor& weight, std::optional<double> eps,
                              bool zero_centered_weight) {
-  if (!any_requires_grad(input, weight, std::nullopt)) {
+  check_no_tangent("rms_norm", input, weight);
+  if (!torch::autograd::compute_requires_grad(input, weight)) {
     at::AutoDispatchBelowADInplaceOrView guard;
     return ops::rms_norm().call(input, normalized_shape, weight, eps, zero_centered_weight);
   }
-  return RMSNormFunction::apply(input, normalized_shape, weight, eps, zero_centered_weight);
+  auto node = make_node(true, false, normalized_shape, zero_centered_weight,
+                        torch::autograd::collect_next_edges(input, weight));
+  at::Tensor out, rstd;
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    std::tie(out, rstd) =
+        ops::rms_norm_fwd().call(input, normalized_shape, weight, eps, zero_centered_weight);
+  }
+  torch::autograd::set_history(out, node);
+  node->save(input, weight, std::nullopt, at::Tensor(), rstd);
+  torch::autograd::fire_node_creation_hooks(node);
+  return out;
+}
+
+// Fused residual add + norm. Both outputs are differentiable; the norm's backward runs on the
+// saved sum (residual_out) and adds the gradient of residual_out in the same kernel. input and
+// residual receive the same gradient.
+std::tuple<at::Tensor, at::Tensor> add_layer_norm_autograd(
+    const at::Tensor& input, const at::Tensor& residual, c10::SymIntArrayRef normalized_shape,
+    const OptTensor& weight, const OptTensor& bias, double eps, bool zero_centered_weight) {
+  check_no_tangent("add_layer_norm", input, residual, weight, bias);
+  if (!torch::autograd::compute_requires_grad(input, residual, weight, bias)) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return ops::add_layer_norm().call(input, residual, normalized_shape, weight, bias, eps,
+                                      zero_centered_weight);
+  }
+  auto node = make_node(false, true, normalized_shape, zero_centered_weight,
+                        torch::autograd::collect_next_edges(input, residual, weight, bias));
+  at::Tensor out, residual_out, mean, rstd;
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    std::tie(out, residual_out, mean, rstd) = ops::add_layer_norm_fwd().call(
+        input, residual, normalized_shape, weight, bias, eps, zero_centered_weight);
+  }
+  torch::autograd::set_history(out, node);
+  torch::autograd::set_history(residual_out, node);
+  node->save(residual_out, weight, bias, mean, rstd);
+  torch::autograd::fire_node_creation_hooks(node);
+  return {out, residual_out};
+}
+
+std::tuple<at::Tensor, at::Tensor> add_rms_norm_autograd(
+    const at::Tensor& input, const at::Tensor& residual, c10::SymIntArrayRef normalized_shape,
+    const OptTensor& weight, std::optional<double> eps, bool zero_centered_weight) {
+  check_no_tangent("add_rms_norm", input, residual, weight);
+  if (!torch::autograd::compute_requires_grad(input, residual, weight)) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return ops::add_rms_norm().call(input, residual, normalized_shape, weight, eps,
+                                    zero_centered_weight);
+  }
+  auto node = make_node(true, true, normalized_shape, zero_centered_weight,
+                        torch::autograd::collect_next_edges(input, residual, weight));
+  at::Tensor out, residual_out, rstd;
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    std::tie(out, residual_out, rstd) = ops::add_rms_norm_fwd().call(
+        input, residual, normalized_shape, weight, eps, zero_centered_weight);
+  }
+  torch::autograd::set_history(out, node);
+  torch::autograd::set_history(residual_out, node);
+  node->save(residual_out, weight, std::nullopt, at::Tensor(), rstd);
+  torch::autograd::fire_node_creation_hooks(node);
+  return {out, residual_out};
 }
 
 // Autograd kernel of the ops that write into arguments (out= and in-place forms): like ATen's

@@ -1,25 +1,14 @@
-// Every op schema of the extension, and the bare Python module init that lets
-// `import layernorm_ext._C` load this shared library (which runs the registrations below).
+// Every op schema of the extension. (The Python module init, whose import loads this shared
+// library and so runs the registrations below, is in python_entry.cpp.)
 //
 // Backends register their kernels from their own files with TORCH_LIBRARY_IMPL:
 //   cpu/norm_cpu.cpp  (CPU)      cuda/norm_cuda.cpp (CUDA, only when built with nvcc)
 //   meta.cpp          (Meta: shapes for FakeTensor / torch.compile / export)
-//   autograd.cpp      (Autograd: C++ torch::autograd::Function per differentiable op)
+//   autograd.cpp      (Autograd: a C++ autograd Node built per call, as ATen's generated kernels)
 
-#include <Python.h>
 #include <torch/library.h>
 
 #include "cpu/isa.h"
-
-extern "C" {
-// No pybind: the module is empty, the ops live in the dispatcher (torch.ops.layernorm_ext).
-PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {
-      PyModuleDef_HEAD_INIT, "_C", "layernorm_ext kernels (ops are in torch.ops.layernorm_ext)",
-      -1, nullptr};
-  return PyModule_Create(&module_def);
-}
-}
 
 namespace layernorm_ext {
 
