@@ -67,9 +67,11 @@ def read_sources() -> dict[str, list[str]]:
 
 
 def is_toolkit(path: str | None) -> bool:
-    return bool(path) and (Path(path) / "bin" / "nvcc").exists() and (
-        Path(path) / "include" / "cuda_runtime.h"
-    ).exists()
+    return (
+        bool(path)
+        and (Path(path) / "bin" / "nvcc").exists()
+        and (Path(path) / "include" / "cuda_runtime.h").exists()
+    )
 
 
 def find_cuda_home() -> str | None:
@@ -120,7 +122,6 @@ if cuda_home:
     # Must be set before torch.utils.cpp_extension is imported: it reads CUDA_HOME at import.
     os.environ["CUDA_HOME"] = cuda_home
 
-import torch  # noqa: E402
 from torch.utils.cpp_extension import (  # noqa: E402
     BuildExtension,
     CppExtension,
@@ -188,7 +189,7 @@ class BuildExt(BuildExtension):
         out_dir = Path(self.build_temp) / "cpu_isa"
         out_dir.mkdir(parents=True, exist_ok=True)
         deps = [ROOT / p for p in SOURCES["cpu_isa"]]
-        deps += list((ROOT / "csrc" / "cpu").glob("*.h")) + [ROOT / "csrc" / "welford.h"]
+        deps += [*(ROOT / "csrc" / "cpu").glob("*.h"), ROOT / "csrc" / "welford.h"]
         newest_dep = max(p.stat().st_mtime for p in deps)
         jobs = []
         for src in SOURCES["cpu_isa"]:

@@ -94,15 +94,15 @@ void check_norm_inputs(const char* op, const at::Tensor& input,
   }
 }
 
-void check_norm_backward_inputs(const char* op, const at::Tensor& grad_out,
-                                const at::Tensor& input, int64_t normalized_ndim,
-                                const std::optional<at::Tensor>& mean, const at::Tensor& rstd) {
+void check_norm_backward_inputs(const char* op, const at::Tensor& grad_out, const at::Tensor& input,
+                                int64_t normalized_ndim, const std::optional<at::Tensor>& mean,
+                                const at::Tensor& rstd) {
   TORCH_CHECK(grad_out.sym_sizes().equals(input.sym_sizes()), op,
               ": expected grad_out to have the input's shape ", input.sym_sizes(), ", but got ",
               grad_out.sym_sizes());
   TORCH_CHECK(grad_out.scalar_type() == input.scalar_type(), op,
-              ": expected grad_out to have the input's dtype (", input.scalar_type(),
-              "), but got ", grad_out.scalar_type());
+              ": expected grad_out to have the input's dtype (", input.scalar_type(), "), but got ",
+              grad_out.scalar_type());
   check_same_device(op, input, grad_out);
   const at::ScalarType acc = acc_type(input.scalar_type());
   c10::SymInt rows = 1;
@@ -123,9 +123,8 @@ void check_norm_backward_inputs(const char* op, const at::Tensor& grad_out,
 }
 
 void check_out(const char* op, const at::Tensor& input, const at::Tensor& out) {
-  TORCH_CHECK(out.scalar_type() == input.scalar_type(), op,
-              ": Expected out tensor to have dtype ", input.scalar_type(), ", but got ",
-              out.scalar_type(), " instead");
+  TORCH_CHECK(out.scalar_type() == input.scalar_type(), op, ": Expected out tensor to have dtype ",
+              input.scalar_type(), ", but got ", out.scalar_type(), " instead");
   check_same_device(op, input, out);
   // No resizing: torch.compile cannot functionalize a custom op that resizes an argument it
   // writes, so eager refuses too rather than behave differently.

@@ -23,9 +23,9 @@ void check_norm_inputs(const char* op, const at::Tensor& input,
 
 // Validates the extra tensors of a backward call against its input: grad_out has the input's
 // shape and dtype; mean / rstd have M elements of the accumulation type.
-void check_norm_backward_inputs(const char* op, const at::Tensor& grad_out,
-                                const at::Tensor& input, int64_t normalized_ndim,
-                                const std::optional<at::Tensor>& mean, const at::Tensor& rstd);
+void check_norm_backward_inputs(const char* op, const at::Tensor& grad_out, const at::Tensor& input,
+                                int64_t normalized_ndim, const std::optional<at::Tensor>& mean,
+                                const at::Tensor& rstd);
 
 // Validates an out= tensor: the input's dtype, device and shape (never resized, see checks.cpp).
 void check_out(const char* op, const at::Tensor& input, const at::Tensor& out);

@@ -110,14 +110,10 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_fwd_meta(const at::Tensor& input,
   return {empty_like_input(input), stat(input, static_cast<int64_t>(normalized_shape.size()))};
 }
 
-std::tuple<at::Tensor, at::Tensor> rms_norm_bwd_meta(const at::Tensor& grad_out,
-                                                     const at::Tensor& input,
-                                                     c10::SymIntArrayRef normalized_shape,
-                                                     const at::Tensor& rstd,
-                                                     const OptTensor& weight,
-                                                     bool /*zero_centered_weight*/,
-                                                     std::array<bool, 2> output_mask,
-                                                     const OptTensor& grad_residual) {
+std::tuple<at::Tensor, at::Tensor> rms_norm_bwd_meta(
+    const at::Tensor& grad_out, const at::Tensor& input, c10::SymIntArrayRef normalized_shape,
+    const at::Tensor& rstd, const OptTensor& weight, bool /*zero_centered_weight*/,
+    std::array<bool, 2> output_mask, const OptTensor& grad_residual) {
   const char* op = "layernorm_ext::rms_norm_bwd";
   check_norm_inputs(op, input, normalized_shape, weight, std::nullopt);
   check_norm_backward_inputs(op, grad_out, input, static_cast<int64_t>(normalized_shape.size()),
@@ -129,8 +125,7 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_bwd_meta(const at::Tensor& grad_out,
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layer_norm_fwd_meta(
     const at::Tensor& input, const at::Tensor& residual, c10::SymIntArrayRef normalized_shape,
-    const OptTensor& weight, const OptTensor& bias, double /*eps*/,
-    bool /*zero_centered_weight*/) {
+    const OptTensor& weight, const OptTensor& bias, double /*eps*/, bool /*zero_centered_weight*/) {
   const char* op = "layernorm_ext::add_layer_norm";
   check_norm_inputs(op, input, normalized_shape, weight, bias);
   check_same_as_input(op, input, residual, "residual");
@@ -138,12 +133,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layer_norm_fwd_me
   return {empty_like_input(input), empty_like_input(input), stat(input, nd), stat(input, nd)};
 }
 
-std::tuple<at::Tensor, at::Tensor> add_layer_norm_meta(const at::Tensor& input,
-                                                       const at::Tensor& residual,
-                                                       c10::SymIntArrayRef normalized_shape,
-                                                       const OptTensor& weight,
-                                                       const OptTensor& bias, double eps,
-                                                       bool zero_centered_weight) {
+std::tuple<at::Tensor, at::Tensor> add_layer_norm_meta(
+    const at::Tensor& input, const at::Tensor& residual, c10::SymIntArrayRef normalized_shape,
+    const OptTensor& weight, const OptTensor& bias, double eps, bool zero_centered_weight) {
   auto r = add_layer_norm_fwd_meta(input, residual, normalized_shape, weight, bias, eps,
                                    zero_centered_weight);
   return {std::get<0>(r), std::get<1>(r)};
@@ -159,14 +151,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> add_rms_norm_fwd_meta(
   return {empty_like_input(input), empty_like_input(input), stat(input, nd)};
 }
 
-std::tuple<at::Tensor, at::Tensor> add_rms_norm_meta(const at::Tensor& input,
-                                                     const at::Tensor& residual,
-                                                     c10::SymIntArrayRef normalized_shape,
-                                                     const OptTensor& weight,
-                                                     std::optional<double> eps,
-                                                     bool zero_centered_weight) {
-  auto r = add_rms_norm_fwd_meta(input, residual, normalized_shape, weight, eps,
-                                 zero_centered_weight);
+std::tuple<at::Tensor, at::Tensor> add_rms_norm_meta(
+    const at::Tensor& input, const at::Tensor& residual, c10::SymIntArrayRef normalized_shape,
+    const OptTensor& weight, std::optional<double> eps, bool zero_centered_weight) {
+  auto r =
+      add_rms_norm_fwd_meta(input, residual, normalized_shape, weight, eps, zero_centered_weight);
   return {std::get<0>(r), std::get<1>(r)};
 }
 

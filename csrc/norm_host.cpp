@@ -1,7 +1,5 @@
 #include "norm_host.h"
 
-#include "cpu/large_alloc.h"
-
 #include <ATen/MemoryOverlap.h>
 #include <ATen/ops/add.h>
 #include <ATen/ops/empty.h>
@@ -12,6 +10,8 @@
 #include <limits>
 #include <tuple>
 #include <utility>
+
+#include "cpu/large_alloc.h"
 
 namespace layernorm_ext {
 
@@ -36,8 +36,9 @@ double rms_eps(const at::Tensor& input, std::optional<double> eps) {
   if (eps.has_value()) {
     return *eps;
   }
-  return input.scalar_type() == at::kDouble ? std::numeric_limits<double>::epsilon()
-                                            : static_cast<double>(std::numeric_limits<float>::epsilon());
+  return input.scalar_type() == at::kDouble
+             ? std::numeric_limits<double>::epsilon()
+             : static_cast<double>(std::numeric_limits<float>::epsilon());
 }
 
 at::Tensor not_requested(const at::Tensor& input) { return at::empty({0}, input.options()); }
@@ -46,7 +47,8 @@ namespace {
 
 // Rows of a tensor the kernel writes: the tensor itself when its rows do not overlap, else a
 // contiguous temporary that finish_forward copies back.
-std::pair<at::Tensor, int64_t> writable_rows(const at::Tensor& t, int64_t nd, int64_t M, int64_t N) {
+std::pair<at::Tensor, int64_t> writable_rows(const at::Tensor& t, int64_t nd, int64_t M,
+                                             int64_t N) {
   const int64_t s = row_stride_or_neg(t, nd);
   if (s >= 0 && (M <= 1 || s >= N)) {
     return {t, s};
@@ -177,8 +179,8 @@ BwdProblem prepare_backward(Norm kind, const at::Tensor& grad_out, const at::Ten
                             const std::optional<at::Tensor>& bias, bool zero_centered_weight,
                             std::array<bool, 3> output_mask,
                             const std::optional<at::Tensor>& grad_residual, bool fuse_add) {
-  const char* op = kind == Norm::kLayerNorm ? "layernorm_ext::layer_norm_bwd"
-                                            : "layernorm_ext::rms_norm_bwd";
+  const char* op =
+      kind == Norm::kLayerNorm ? "layernorm_ext::layer_norm_bwd" : "layernorm_ext::rms_norm_bwd";
   check_norm_inputs(op, input, normalized_shape, weight, bias);
   const int64_t nd = static_cast<int64_t>(normalized_shape.size());
   check_norm_backward_inputs(op, grad_out, input, nd, mean, rstd);
@@ -224,8 +226,7 @@ BwdProblem prepare_backward(Norm kind, const at::Tensor& grad_out, const at::Ten
   return p;
 }
 
-void finish_backward(BwdProblem& p, const std::optional<at::Tensor>& grad_residual,
-                     bool fuse_add) {
+void finish_backward(BwdProblem& p, const std::optional<at::Tensor>& grad_residual, bool fuse_add) {
   if (!fuse_add && p.dx.defined() && grad_residual.has_value() && grad_residual->defined()) {
     p.dx.add_(*grad_residual);
   }

@@ -61,7 +61,7 @@ struct BwdProblem {
   at::Tensor mean;  // contiguous [M] (LayerNorm), else undefined
   at::Tensor rstd;  // contiguous [M]
   at::Tensor weight;
-  at::Tensor dx;  // contiguous, input's shape
+  at::Tensor dx;             // contiguous, input's shape
   at::Tensor grad_residual;  // rows of the gradient of residual_out (fused add), or undefined
   int64_t grad_residual_stride = 0;
   at::Tensor dweight;
@@ -82,7 +82,7 @@ struct FwdExtras {
   const at::Tensor* out = nullptr;           // out= for the normalised result
   const at::Tensor* residual = nullptr;      // fused residual add
   const at::Tensor* residual_out = nullptr;  // where input + residual goes (may be `residual`)
-  const char* op = nullptr;                  // op name for messages (default: layer_norm / rms_norm)
+  const char* op = nullptr;  // op name for messages (default: layer_norm / rms_norm)
 };
 
 // Validates and lays out a forward call; stats are allocated when want_stats. With a residual and
@@ -91,8 +91,8 @@ struct FwdExtras {
 FwdProblem prepare_forward(Norm kind, const at::Tensor& input, c10::SymIntArrayRef normalized_shape,
                            const std::optional<at::Tensor>& weight,
                            const std::optional<at::Tensor>& bias, double eps,
-                           bool zero_centered_weight, bool want_stats,
-                           const FwdExtras& extras = {}, bool fuse_add = true);
+                           bool zero_centered_weight, bool want_stats, const FwdExtras& extras = {},
+                           bool fuse_add = true);
 
 // Copies results into caller-provided tensors if the launcher had to write into temporaries.
 void finish_forward(const FwdProblem& p, const FwdExtras& extras);
@@ -108,8 +108,7 @@ BwdProblem prepare_backward(Norm kind, const at::Tensor& grad_out, const at::Ten
                             const std::optional<at::Tensor>& grad_residual, bool fuse_add);
 
 // For backends that do not fuse the residual gradient: dx += grad_residual.
-void finish_backward(BwdProblem& p, const std::optional<at::Tensor>& grad_residual,
-                     bool fuse_add);
+void finish_backward(BwdProblem& p, const std::optional<at::Tensor>& grad_residual, bool fuse_add);
 
 // A gradient that was not requested comes back as an empty 1-D tensor (a fixed, simple shape
 // for the fake kernels); the autograd layer turns it into "no gradient".
@@ -133,9 +132,9 @@ at::Tensor layer_norm_impl(const at::Tensor& input, c10::SymIntArrayRef normaliz
 
 template <FwdLauncher Launch>
 void layer_norm_out_impl(const at::Tensor& input, c10::SymIntArrayRef normalized_shape,
-                                const std::optional<at::Tensor>& weight,
-                                const std::optional<at::Tensor>& bias, double eps,
-                                bool zero_centered_weight, at::Tensor& out) {
+                         const std::optional<at::Tensor>& weight,
+                         const std::optional<at::Tensor>& bias, double eps,
+                         bool zero_centered_weight, at::Tensor& out) {
   FwdExtras extras;
   extras.out = &out;
   FwdProblem p = prepare_forward(Norm::kLayerNorm, input, normalized_shape, weight, bias, eps,
@@ -161,9 +160,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_impl(
     const at::Tensor& mean, const at::Tensor& rstd, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, bool zero_centered_weight,
     std::array<bool, 3> output_mask, const std::optional<at::Tensor>& grad_residual) {
-  BwdProblem p = prepare_backward(Norm::kLayerNorm, grad_out, input, normalized_shape, mean, rstd,
-                                  weight, bias, zero_centered_weight, output_mask, grad_residual,
-                                  kFusedAdd);
+  BwdProblem p =
+      prepare_backward(Norm::kLayerNorm, grad_out, input, normalized_shape, mean, rstd, weight,
+                       bias, zero_centered_weight, output_mask, grad_residual, kFusedAdd);
   Launch(p);
   finish_backward(p, grad_residual, kFusedAdd);
   return {p.dx.defined() ? p.dx : not_requested(input),
@@ -183,8 +182,8 @@ at::Tensor rms_norm_impl(const at::Tensor& input, c10::SymIntArrayRef normalized
 
 template <FwdLauncher Launch>
 void rms_norm_out_impl(const at::Tensor& input, c10::SymIntArrayRef normalized_shape,
-                              const std::optional<at::Tensor>& weight, std::optional<double> eps,
-                              bool zero_centered_weight, at::Tensor& out) {
+                       const std::optional<at::Tensor>& weight, std::optional<double> eps,
+                       bool zero_centered_weight, at::Tensor& out) {
   FwdExtras extras;
   extras.out = &out;
   FwdProblem p = prepare_forward(Norm::kRMSNorm, input, normalized_shape, weight, std::nullopt,
@@ -210,10 +209,9 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_bwd_impl(
     const at::Tensor& grad_out, const at::Tensor& input, c10::SymIntArrayRef normalized_shape,
     const at::Tensor& rstd, const std::optional<at::Tensor>& weight, bool zero_centered_weight,
     std::array<bool, 2> output_mask, const std::optional<at::Tensor>& grad_residual) {
-  BwdProblem p = prepare_backward(Norm::kRMSNorm, grad_out, input, normalized_shape, std::nullopt,
-                                  rstd, weight, std::nullopt, zero_centered_weight,
-                                  {output_mask[0], output_mask[1], false}, grad_residual,
-                                  kFusedAdd);
+  BwdProblem p = prepare_backward(
+      Norm::kRMSNorm, grad_out, input, normalized_shape, std::nullopt, rstd, weight, std::nullopt,
+      zero_centered_weight, {output_mask[0], output_mask[1], false}, grad_residual, kFusedAdd);
   Launch(p);
   finish_backward(p, grad_residual, kFusedAdd);
   return {p.dx.defined() ? p.dx : not_requested(input),
@@ -226,12 +224,11 @@ template <FwdLauncher Launch, bool kFusedAdd = false>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_norm_fwd_impl(
     Norm kind, const at::Tensor& input, const at::Tensor& residual,
     c10::SymIntArrayRef normalized_shape, const std::optional<at::Tensor>& weight,
-    const std::optional<at::Tensor>& bias, double eps, bool zero_centered_weight,
-    bool want_stats) {
+    const std::optional<at::Tensor>& bias, double eps, bool zero_centered_weight, bool want_stats) {
   FwdExtras extras;
   extras.residual = &residual;
-  extras.op = kind == Norm::kLayerNorm ? "layernorm_ext::add_layer_norm"
-                                       : "layernorm_ext::add_rms_norm";
+  extras.op =
+      kind == Norm::kLayerNorm ? "layernorm_ext::add_layer_norm" : "layernorm_ext::add_rms_norm";
   FwdProblem p = prepare_forward(kind, input, normalized_shape, weight, bias, eps,
                                  zero_centered_weight, want_stats, extras, kFusedAdd);
   Launch(p);
@@ -239,13 +236,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_norm_fwd_impl(
 }
 
 template <FwdLauncher Launch, bool kFusedAdd = false>
-std::tuple<at::Tensor, at::Tensor> add_layer_norm_impl(
-    const at::Tensor& input, const at::Tensor& residual, c10::SymIntArrayRef normalized_shape,
-    const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias, double eps,
-    bool zero_centered_weight) {
-  auto r = add_norm_fwd_impl<Launch, kFusedAdd>(Norm::kLayerNorm, input, residual,
-                                                normalized_shape, weight, bias, eps,
-                                                zero_centered_weight, false);
+std::tuple<at::Tensor, at::Tensor> add_layer_norm_impl(const at::Tensor& input,
+                                                       const at::Tensor& residual,
+                                                       c10::SymIntArrayRef normalized_shape,
+                                                       const std::optional<at::Tensor>& weight,
+                                                       const std::optional<at::Tensor>& bias,
+                                                       double eps, bool zero_centered_weight) {
+  auto r = add_norm_fwd_impl<Launch, kFusedAdd>(Norm::kLayerNorm, input, residual, normalized_shape,
+                                                weight, bias, eps, zero_centered_weight, false);
   return {std::get<0>(r), std::get<1>(r)};
 }
 
@@ -259,12 +257,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layer_norm_fwd_im
 }
 
 template <FwdLauncher Launch, bool kFusedAdd = false>
-std::tuple<at::Tensor, at::Tensor> add_rms_norm_impl(const at::Tensor& input,
-                                                     const at::Tensor& residual,
-                                                     c10::SymIntArrayRef normalized_shape,
-                                                     const std::optional<at::Tensor>& weight,
-                                                     std::optional<double> eps,
-                                                     bool zero_centered_weight) {
+std::tuple<at::Tensor, at::Tensor> add_rms_norm_impl(
+    const at::Tensor& input, const at::Tensor& residual, c10::SymIntArrayRef normalized_shape,
+    const std::optional<at::Tensor>& weight, std::optional<double> eps, bool zero_centered_weight) {
   auto r = add_norm_fwd_impl<Launch, kFusedAdd>(Norm::kRMSNorm, input, residual, normalized_shape,
                                                 weight, std::nullopt, rms_eps(input, eps),
                                                 zero_centered_weight, false);
@@ -274,8 +269,7 @@ std::tuple<at::Tensor, at::Tensor> add_rms_norm_impl(const at::Tensor& input,
 template <FwdLauncher Launch, bool kFusedAdd = false>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> add_rms_norm_fwd_impl(
     const at::Tensor& input, const at::Tensor& residual, c10::SymIntArrayRef normalized_shape,
-    const std::optional<at::Tensor>& weight, std::optional<double> eps,
-    bool zero_centered_weight) {
+    const std::optional<at::Tensor>& weight, std::optional<double> eps, bool zero_centered_weight) {
   auto r = add_norm_fwd_impl<Launch, kFusedAdd>(Norm::kRMSNorm, input, residual, normalized_shape,
                                                 weight, std::nullopt, rms_eps(input, eps),
                                                 zero_centered_weight, true);
@@ -294,8 +288,8 @@ void add_norm_inplace_impl(Norm kind, const at::Tensor& input, at::Tensor& resid
   extras.out = &out;
   extras.residual = &residual;
   extras.residual_out = &residual;
-  extras.op = kind == Norm::kLayerNorm ? "layernorm_ext::add_layer_norm_"
-                                       : "layernorm_ext::add_rms_norm_";
+  extras.op =
+      kind == Norm::kLayerNorm ? "layernorm_ext::add_layer_norm_" : "layernorm_ext::add_rms_norm_";
   FwdProblem p = prepare_forward(kind, input, normalized_shape, weight, bias, eps,
                                  zero_centered_weight, false, extras, kFusedAdd);
   Launch(p);
@@ -315,9 +309,8 @@ void add_layer_norm_inplace_impl(const at::Tensor& input, at::Tensor& residual,
 template <FwdLauncher Launch, bool kFusedAdd = false>
 void add_rms_norm_inplace_impl(const at::Tensor& input, at::Tensor& residual,
                                c10::SymIntArrayRef normalized_shape,
-                               const std::optional<at::Tensor>& weight,
-                               std::optional<double> eps, bool zero_centered_weight,
-                               at::Tensor& out) {
+                               const std::optional<at::Tensor>& weight, std::optional<double> eps,
+                               bool zero_centered_weight, at::Tensor& out) {
   add_norm_inplace_impl<Launch, kFusedAdd>(Norm::kRMSNorm, input, residual, normalized_shape,
                                            weight, std::nullopt, rms_eps(input, eps),
                                            zero_centered_weight, out);

@@ -23,23 +23,21 @@ inline auto& layer_norm() {
 }
 
 inline auto& layer_norm_fwd() {
-  static auto op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("layernorm_ext::layer_norm_fwd", "")
-          .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
-              const at::Tensor&, c10::SymIntArrayRef, const OptTensor&, const OptTensor&, double,
-              bool)>();
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("layernorm_ext::layer_norm_fwd", "")
+                       .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+                           const at::Tensor&, c10::SymIntArrayRef, const OptTensor&,
+                           const OptTensor&, double, bool)>();
   return op;
 }
 
 inline auto& layer_norm_bwd() {
-  static auto op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("layernorm_ext::layer_norm_bwd", "")
-          .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
-              const at::Tensor&, const at::Tensor&, c10::SymIntArrayRef, const at::Tensor&,
-              const at::Tensor&, const OptTensor&, const OptTensor&, bool, std::array<bool, 3>,
-              const OptTensor&)>();
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("layernorm_ext::layer_norm_bwd", "")
+                       .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+                           const at::Tensor&, const at::Tensor&, c10::SymIntArrayRef,
+                           const at::Tensor&, const at::Tensor&, const OptTensor&, const OptTensor&,
+                           bool, std::array<bool, 3>, const OptTensor&)>();
   return op;
 }
 
@@ -64,10 +62,9 @@ inline auto& rms_norm_bwd() {
   static auto op =
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("layernorm_ext::rms_norm_bwd", "")
-          .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
-                                                    c10::SymIntArrayRef, const at::Tensor&,
-                                                    const OptTensor&, bool, std::array<bool, 2>,
-                                                    const OptTensor&)>();
+          .typed<std::tuple<at::Tensor, at::Tensor>(
+              const at::Tensor&, const at::Tensor&, c10::SymIntArrayRef, const at::Tensor&,
+              const OptTensor&, bool, std::array<bool, 2>, const OptTensor&)>();
   return op;
 }
 

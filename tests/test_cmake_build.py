@@ -30,7 +30,7 @@ pytestmark = pytest.mark.skipif(
 
 def _ninja() -> str | None:
     try:
-        import ninja  # noqa: PLC0415
+        import ninja
 
         return str(Path(ninja.BIN_DIR) / "ninja")
     except ImportError:
@@ -88,12 +88,12 @@ def test_cmake_build_configures_compiles_and_loads(tmp_path: Path) -> None:
         shutil.copy(py, pkg / py.name)
     probe = (
         "import torch, layernorm_ext as L\n"
-        "assert L.__file__.startswith(%r), L.__file__\n"
+        f"assert L.__file__.startswith({str(pkg)!r}), L.__file__\n"
         "x = torch.tensor([[1., 2., 3., 4.], [5., 6., 7., 8.]])\n"
         "ref = torch.nn.functional.layer_norm(x.double(), (4,)).float()\n"
         "torch.testing.assert_close(L.layer_norm(x, (4,)), ref, atol=1e-6, rtol=1e-6)\n"
         "print(L.cpu_capability())\n"
-    ) % str(pkg)
+    )
     env = dict(os.environ, PYTHONPATH=str(pkg.parent))
     run = subprocess.run(
         [sys.executable, "-c", probe], capture_output=True, text=True, env=env, cwd=tmp_path

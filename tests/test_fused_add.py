@@ -131,7 +131,7 @@ def test_fused_backward_matches_unfused(isa, dtype):
     ref_out = torch.nn.functional.layer_norm(s, (257,), ref_leaves[2], ref_leaves[3])
     torch.autograd.backward((ref_out, s), (g1.double(), g2.double()))
     tol = 1e-4 if dtype == torch.float32 else 6e-2
-    for got, leaf in zip(fused, ref_leaves):
+    for got, leaf in zip(fused, ref_leaves, strict=True):
         torch.testing.assert_close(got.double(), leaf.grad, atol=tol, rtol=tol)
     # input and residual receive equal but distinct gradient tensors
     assert torch.equal(fused[0], fused[1])

@@ -41,7 +41,7 @@ def _block_and_input(seed=0):
 
 def test_compile_fullgraph_dynamic_matches_eager():
     torch._dynamo.reset()
-    block, x = _block_and_input()
+    block, _ = _block_and_input()
     compiled = torch.compile(block, fullgraph=True, dynamic=True, backend="aot_eager")
     for shape in [(2, 5, 32), (3, 7, 32), (1, 1, 32)]:
         xi = torch.randn(shape, requires_grad=True)
@@ -78,7 +78,7 @@ def test_ops_callable_from_torchscript():
         y = torch.ops.layernorm_ext.layer_norm(x, [x.size(-1)], w, b, 1e-5)
         z = torch.ops.layernorm_ext.rms_norm(x, [x.size(-1)], w, None)
         o, s = torch.ops.layernorm_ext.add_layer_norm(x, r, [x.size(-1)], w, b, 1e-5)
-        o2, s2 = torch.ops.layernorm_ext.add_rms_norm(x, r, [x.size(-1)], w, None)
+        o2, _ = torch.ops.layernorm_ext.add_rms_norm(x, r, [x.size(-1)], w, None)
         return y, z, o, s, o2
 
     x, r, w, b = torch.randn(3, 16), torch.randn(3, 16), torch.randn(16), torch.randn(16)
@@ -172,7 +172,7 @@ def test_replace_norms_reproduces_each_module(dtype):
     assert set(after_sd) == set(params_before)
     assert all(after_sd[k].data_ptr() == ptr for k, ptr in params_before.items())
     after = [m(x) for m in model]
-    for i, (a, b) in enumerate(zip(after, before)):
+    for i, (a, b) in enumerate(zip(after, before, strict=True)):
         assert a.dtype == b.dtype and a.shape == b.shape
         tol = 1e-5 if dtype == torch.float32 else 1.6e-2
         torch.testing.assert_close(a, b, atol=tol, rtol=tol, msg=f"module {i}")
