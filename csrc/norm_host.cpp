@@ -11,8 +11,6 @@
 #include <tuple>
 #include <utility>
 
-#include "cpu/large_alloc.h"
-
 namespace layernorm_ext {
 
 int dtype_combo(at::ScalarType input, const at::Tensor& weight, const at::Tensor& bias) {
@@ -107,7 +105,8 @@ FwdProblem prepare_forward(Norm kind, const at::Tensor& input, c10::SymIntArrayR
       std::tie(p.residual_out, p.residual_out_stride) =
           writable_rows(*extras.residual_out, nd, p.M, p.N);
     } else {
-      p.residual_out = cpu::empty_output(input.sizes(), input.options());
+      p.residual_out =
+          at::empty(input.sizes(), input.options().memory_format(at::MemoryFormat::Contiguous));
       p.residual_out_stride = p.N;
     }
   }
@@ -143,8 +142,9 @@ FwdProblem prepare_forward(Norm kind, const at::Tensor& input, c10::SymIntArrayR
     direct = true;
   }
   if (!direct) {
-    p.y = cpu::empty_output(input.sizes(), input.options());
+    p.y = at::empty(input.sizes(), input.options().memory_format(at::MemoryFormat::Contiguous));
     p.y_stride = p.N;
+    p.y_fresh = true;
   }
   if (want_stats) {
     const auto stat_options = input.options().dtype(acc_type(input.scalar_type()));
@@ -206,7 +206,7 @@ BwdProblem prepare_backward(Norm kind, const at::Tensor& grad_out, const at::Ten
   p.combo = dtype_combo(input.scalar_type(), p.weight, b);
 
   if (output_mask[0]) {
-    p.dx = cpu::empty_output(input.sizes(), input.options());
+    p.dx = at::empty(input.sizes(), input.options().memory_format(at::MemoryFormat::Contiguous));
     if (grad_residual.has_value() && grad_residual->defined()) {
       check_residual(op, input, *grad_residual, "grad_residual");
       if (fuse_add) {

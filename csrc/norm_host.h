@@ -36,8 +36,9 @@ struct FwdProblem {
   at::Tensor bias;    // contiguous [N], or undefined (always undefined for RMSNorm)
   at::Tensor y;       // rows of the output, y_stride apart
   int64_t y_stride;
-  at::Tensor mean;  // [M] accumulation type, or undefined (not requested / RMSNorm)
-  at::Tensor rstd;  // [M] accumulation type, or undefined (not requested)
+  bool y_fresh = false;  // y was allocated by this call (not the caller's out= buffer)
+  at::Tensor mean;       // [M] accumulation type, or undefined (not requested / RMSNorm)
+  at::Tensor rstd;       // [M] accumulation type, or undefined (not requested)
   // Fused residual add (undefined when absent): residual_out = input + residual is written first,
   // then normalised. x is then the input's rows and the kernel reads residual_out for statistics.
   at::Tensor residual;

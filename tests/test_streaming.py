@@ -1,7 +1,8 @@
-"""Outputs of 64 MiB and more are written with non-temporal stores (CPU forward). That changes
-only how y reaches memory: every row must be bitwise what the cached path gives for the same row
-(computed here in blocks below the threshold), for each op, with and without the alignment that
-streaming needs, on the best and the portable kernel set."""
+"""Caller-provided outputs (out=, in-place) at least as large as the last-level cache are written
+with non-temporal stores (CPU forward). That changes only how y reaches memory: every row must be
+bitwise what the cached path gives for the same row (computed here in blocks below the
+threshold), for each op, with and without the alignment that streaming needs, on the best and the
+portable kernel set. Fresh outputs (the functional form) use plain stores: same bits too."""
 
 from __future__ import annotations
 
@@ -21,11 +22,19 @@ def _blocks(fn, M: int) -> torch.Tensor:
 
 
 def _ops(x, r, N, w, b):
-    """Each op as a function of a row range (slice(None) = the whole tensor)."""
+    """Each op as a function of a row range (slice(None) = the whole tensor), writing into a
+    preallocated output (the streamed case)."""
+
+    def add_inplace(s):
+        out = torch.empty_like(x[s])
+        layernorm_ext.add_layer_norm(x[s], r[s].clone(), N, w, b, inplace=True, out=out)
+        return out
+
     return {
-        "layer_norm": lambda s: layernorm_ext.layer_norm(x[s], N, w, b),
-        "rms_norm": lambda s: layernorm_ext.rms_norm(x[s], N, w),
-        "add_layer_norm": lambda s: layernorm_ext.add_layer_norm(x[s], r[s], N, w, b)[0],
+        "layer_norm": lambda s: layernorm_ext.layer_norm(x[s], N, w, b, out=torch.empty_like(x[s])),
+        "rms_norm": lambda s: layernorm_ext.rms_norm(x[s], N, w, out=torch.empty_like(x[s])),
+        "add_layer_norm_inplace": add_inplace,
+        "layer_norm_fresh": lambda s: layernorm_ext.layer_norm(x[s], N, w, b),
     }
 
 

@@ -58,7 +58,12 @@ int64_t streaming_threshold_bytes() {
   return bytes;
 }
 
+// Only into the caller's buffers (out=, in-place): a fresh allocation of this size is a fresh
+// mapping whose pages fault on first write, and there plain stores measured ~10% faster.
 bool use_streaming_stores(const FwdProblem& p) {
+  if (p.y_fresh) {
+    return false;
+  }
   const int64_t item = static_cast<int64_t>(p.y.element_size());
   const auto addr = reinterpret_cast<std::uintptr_t>(p.y.const_data_ptr());
   return p.M * p.N * item >= streaming_threshold_bytes() && addr % 64 == 0 &&
