@@ -43,6 +43,11 @@ at::Tensor not_requested(const at::Tensor& input) { return at::empty({0}, input.
 
 namespace {
 
+// A fresh contiguous tensor of the input's shape and options (outputs the op allocates itself).
+at::Tensor empty_contiguous_like(const at::Tensor& input) {
+  return at::empty(input.sizes(), input.options().memory_format(at::MemoryFormat::Contiguous));
+}
+
 // Rows of a tensor the kernel writes: the tensor itself when its rows do not overlap, else a
 // contiguous temporary that finish_forward copies back.
 std::pair<at::Tensor, int64_t> writable_rows(const at::Tensor& t, int64_t nd, int64_t M,
@@ -105,8 +110,7 @@ FwdProblem prepare_forward(Norm kind, const at::Tensor& input, c10::SymIntArrayR
       std::tie(p.residual_out, p.residual_out_stride) =
           writable_rows(*extras.residual_out, nd, p.M, p.N);
     } else {
-      p.residual_out =
-          at::empty(input.sizes(), input.options().memory_format(at::MemoryFormat::Contiguous));
+      p.residual_out = empty_contiguous_like(input);
       p.residual_out_stride = p.N;
     }
   }
@@ -142,7 +146,7 @@ FwdProblem prepare_forward(Norm kind, const at::Tensor& input, c10::SymIntArrayR
     direct = true;
   }
   if (!direct) {
-    p.y = at::empty(input.sizes(), input.options().memory_format(at::MemoryFormat::Contiguous));
+    p.y = empty_contiguous_like(input);
     p.y_stride = p.N;
     p.y_fresh = true;
   }
@@ -206,7 +210,7 @@ BwdProblem prepare_backward(Norm kind, const at::Tensor& grad_out, const at::Ten
   p.combo = dtype_combo(input.scalar_type(), p.weight, b);
 
   if (output_mask[0]) {
-    p.dx = at::empty(input.sizes(), input.options().memory_format(at::MemoryFormat::Contiguous));
+    p.dx = empty_contiguous_like(input);
     if (grad_residual.has_value() && grad_residual->defined()) {
       check_residual(op, input, *grad_residual, "grad_residual");
       if (fuse_add) {

@@ -64,7 +64,7 @@ def layer_norm(
         bias: optional shift, same rules as ``weight``.
         eps: added to the variance for numerical stability.
         zero_centered_weight: scale by ``1 + weight`` instead of ``weight`` (Gemma style), in fp32.
-        out: optional preallocated output (input's dtype; resized to the input's shape if needed).
+        out: optional preallocated output of the input's shape and dtype (never resized).
             Not differentiable.
 
     Returns:
@@ -74,9 +74,9 @@ def layer_norm(
     if out is None:
         if not _is_compiling():
             return _layer_norm_fast(input, shape, weight, bias, eps, zero_centered_weight)
-        if zero_centered_weight:
-            return _layer_norm(input, shape, weight, bias, eps, zero_centered_weight=True)
-        return _layer_norm(input, shape, weight, bias, eps)
+        return _layer_norm(
+            input, shape, weight, bias, eps, zero_centered_weight=zero_centered_weight
+        )
     _layer_norm_out(
         input, shape, weight, bias, eps, zero_centered_weight=zero_centered_weight, out=out
     )
@@ -110,9 +110,7 @@ def rms_norm(
     if out is None:
         if not _is_compiling():
             return _rms_norm_fast(input, shape, weight, eps, zero_centered_weight)
-        if zero_centered_weight:
-            return _rms_norm(input, shape, weight, eps, zero_centered_weight=True)
-        return _rms_norm(input, shape, weight, eps)
+        return _rms_norm(input, shape, weight, eps, zero_centered_weight=zero_centered_weight)
     _rms_norm_out(input, shape, weight, eps, zero_centered_weight=zero_centered_weight, out=out)
     return out
 
