@@ -24,6 +24,7 @@
 #include <torch/csrc/autograd/variable.h>
 #include <torch/csrc/dynamo/compiled_autograd.h>
 #include <torch/library.h>
+#include <torch/version.h>
 
 #include <array>
 #include <vector>
@@ -34,6 +35,17 @@ namespace layernorm_ext {
 namespace {
 
 using torch::autograd::SavedVariable;
+
+// Node-creation hooks: torch >= 2.14 fires them for every node it creates (custom Functions and
+// generated kernels alike); earlier versions have no such hooks (nor this function).
+template <class NodePtr>
+void node_created(const NodePtr& node) {
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 14)
+  torch::autograd::fire_node_creation_hooks(node);
+#else
+  (void)node;
+#endif
+}
 using torch::autograd::variable_list;
 using OptTensor = std::optional<at::Tensor>;
 
@@ -242,7 +254,7 @@ at::Tensor layer_norm_autograd(const at::Tensor& input, c10::SymIntArrayRef norm
   }
   torch::autograd::set_history(out, node);
   node->save(input, weight, bias, mean, rstd);
-  torch::autograd::fire_node_creation_hooks(node);
+  node_created(node);
   return out;
 }
 
@@ -264,7 +276,7 @@ at::Tensor rms_norm_autograd(const at::Tensor& input, c10::SymIntArrayRef normal
   }
   torch::autograd::set_history(out, node);
   node->save(input, weight, std::nullopt, at::Tensor(), rstd);
-  torch::autograd::fire_node_creation_hooks(node);
+  node_created(node);
   return out;
 }
 
@@ -291,7 +303,7 @@ std::tuple<at::Tensor, at::Tensor> add_layer_norm_autograd(
   torch::autograd::set_history(out, node);
   torch::autograd::set_history(residual_out, node);
   node->save(residual_out, weight, bias, mean, rstd);
-  torch::autograd::fire_node_creation_hooks(node);
+  node_created(node);
   return {out, residual_out};
 }
 
@@ -315,7 +327,7 @@ std::tuple<at::Tensor, at::Tensor> add_rms_norm_autograd(
   torch::autograd::set_history(out, node);
   torch::autograd::set_history(residual_out, node);
   node->save(residual_out, weight, std::nullopt, at::Tensor(), rstd);
-  torch::autograd::fire_node_creation_hooks(node);
+  node_created(node);
   return {out, residual_out};
 }
 
