@@ -11,13 +11,15 @@
 //    torch::autograd::Function cost ~1.4 us more per call at (1, 768) (VariableInfo per input
 //    and output, saved_data hash map, _wrap_outputs' bookkeeping) and refuses functorch
 //    transforms (torch.func.grad works with this node).
-//  * The *_fwd / *_bwd ops and the out= overloads get autograd's "not implemented" fallback, so
-//    differentiating them (double backward included) raises a clear error.
+//  * The *_fwd / *_bwd ops have no derivative formula: differentiating them (double backward
+//    included) raises "derivative for ... is not implemented", as autograd's generic fallback
+//    would, but from an unboxed kernel (the boxed fallback cost ~1.5 us per call, paid by every
+//    backward the engine runs). The out= / in-place forms refuse arguments that require grad.
 //  * Forward-mode AD is not implemented: a tangent on any input raises (rather than being
 //    silently dropped).
 
 #include <torch/autograd.h>
-#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
+#include <torch/csrc/autograd/functions/basic_ops.h>
 #include <torch/csrc/autograd/function.h>
 #include <torch/csrc/autograd/functions/utils.h>
 #include <torch/csrc/autograd/saved_variable.h>
@@ -27,6 +29,10 @@
 #include <torch/version.h>
 
 #include <array>
+#include <memory>
+#include <tuple>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "ops.h"
@@ -35,6 +41,25 @@ namespace layernorm_ext {
 namespace {
 
 using torch::autograd::SavedVariable;
+
+// torch >= 2.12 owns autograd nodes through c10::intrusive_ptr; earlier versions (the GPU image
+// runs 2.11) through std::shared_ptr with torch::autograd::deleteNode as deleter. Told apart by
+// the type, not by a version number.
+constexpr bool kIntrusiveNodes =
+    std::is_base_of_v<c10::intrusive_ptr_target, torch::autograd::Node>;
+template <class T>
+using NodePtr = std::conditional_t<kIntrusiveNodes, c10::intrusive_ptr<T>, std::shared_ptr<T>>;
+
+template <class T, class... Args>
+NodePtr<T> new_node(Args&&... args) {
+  if constexpr (kIntrusiveNodes) {
+    return c10::make_intrusive<T>(std::forward<Args>(args)...);
+  } else {
+    // deleteNode frees long chains of nodes without deep recursion. It is found by
+    // argument-dependent lookup (through Node), so this branch names it only where it exists.
+    return NodePtr<T>(new T(std::forward<Args>(args)...), [](T* node) { deleteNode(node); });
+  }
+}
 
 // Node-creation hooks: torch >= 2.14 fires them for every node it creates (custom Functions and
 // generated kernels alike); earlier versions have no such hooks (nor this function).
@@ -226,11 +251,11 @@ class NormBackward final : public torch::autograd::Node {
   SavedVariable input_, weight_, bias_, mean_, rstd_;
 };
 
-c10::intrusive_ptr<NormBackward> make_node(bool rms, bool fused,
+NodePtr<NormBackward> make_node(bool rms, bool fused,
                                            c10::SymIntArrayRef normalized_shape,
                                            bool zero_centered_weight,
                                            torch::autograd::edge_list&& next_edges) {
-  auto node = c10::make_intrusive<NormBackward>(
+  auto node = new_node<NormBackward>(
       NormKind{rms, fused, zero_centered_weight, static_cast<int64_t>(normalized_shape.size())});
   node->set_next_edges(std::move(next_edges));
   return node;
@@ -331,50 +356,113 @@ std::tuple<at::Tensor, at::Tensor> add_rms_norm_autograd(
   return {out, residual_out};
 }
 
-// Autograd kernel of the ops that write into arguments (out= and in-place forms): like ATen's
-// out= functions they are not differentiable, and say so when an argument requires grad; below
-// autograd they reach the ADInplaceOrView kernel that bumps version counters.
-void not_differentiable_mutating(const c10::OperatorHandle& op, c10::DispatchKeySet ks,
-                                 torch::jit::Stack* stack) {
-  const auto& args = op.schema().arguments();
-  const size_t first = stack->size() - args.size();
-  if (at::GradMode::is_enabled()) {
-    for (size_t i = first; i < stack->size(); ++i) {
-      const c10::IValue& v = (*stack)[i];
-      TORCH_CHECK(!(v.isTensor() && v.toTensor().defined() && v.toTensor().requires_grad()),
-                  op.schema().name(), ".", op.schema().overload_name(),
+// --- The ops without a derivative formula, and the forms that write into arguments -----------
+//
+// Unboxed kernels built from each op's typed handle (ops.h): the boxed generic fallbacks they
+// replace packed every call into an IValue stack (~1.5 us per call at (1, 768)).
+
+template <class Handle>
+struct HandleSignature;
+template <class F>
+struct HandleSignature<c10::TypedOperatorHandle<F>> {
+  using type = F;
+};
+template <auto Op>
+using SignatureOf = typename HandleSignature<std::remove_reference_t<decltype(Op())>>::type;
+
+bool requires_grad_arg(const at::Tensor& t) { return t.defined() && t.requires_grad(); }
+bool requires_grad_arg(const OptTensor& t) { return t.has_value() && requires_grad_arg(*t); }
+template <class T>
+bool requires_grad_arg(const T& /*not a tensor*/) {
+  return false;
+}
+
+bool tangent_arg(const at::Tensor& t) { return torch::autograd::isFwGradDefined(t); }
+bool tangent_arg(const OptTensor& t) { return torch::autograd::isFwGradDefined(t); }
+template <class T>
+bool tangent_arg(const T& /*not a tensor*/) {
+  return false;
+}
+
+void append_tensor(std::vector<at::Tensor>& out, const at::Tensor& t) { out.push_back(t); }
+void append_tensor(std::vector<at::Tensor>& out, const OptTensor& t) {
+  if (t.has_value()) out.push_back(*t);
+}
+template <class T>
+void append_tensor(std::vector<at::Tensor>& /*out*/, const T& /*not a tensor*/) {}
+
+template <class NodeP>
+void set_output_history(const at::Tensor& t, const NodeP& node) {
+  torch::autograd::set_history(t, node);
+}
+template <class NodeP, class... Ts>
+void set_output_history(const std::tuple<Ts...>& outputs, const NodeP& node) {
+  std::apply([&](const auto&... t) { (set_output_history(t, node), ...); }, outputs);
+}
+
+// Autograd kernel of the *_fwd / *_bwd ops. Nothing requiring grad (the engine runs backward
+// with grad mode off): straight below autograd. Otherwise the outputs get a NotImplemented node,
+// so that differentiating them raises "derivative for <op> is not implemented" at backward time.
+template <auto Op, class Sig = SignatureOf<Op>>
+struct NoDerivative;
+template <auto Op, class R, class... Args>
+struct NoDerivative<Op, R(Args...)> {
+  static R call(c10::DispatchKeySet ks, Args... args) {
+    TORCH_CHECK_NOT_IMPLEMENTED(!(tangent_arg(args) || ...), Op().schema().name(),
+                                ": forward-mode automatic differentiation is not implemented");
+    if (!at::GradMode::is_enabled() || !(requires_grad_arg(args) || ...)) {
+      at::AutoDispatchBelowADInplaceOrView guard;
+      return Op().redispatch(ks & c10::after_ADInplaceOrView_keyset, args...);
+    }
+    std::vector<at::Tensor> inputs;
+    (append_tensor(inputs, args), ...);
+    auto node = new_node<torch::autograd::NotImplemented>(Op().schema().name());
+    node->set_next_edges(torch::autograd::collect_next_edges(at::ArrayRef<at::Tensor>(inputs)));
+    R outputs;
+    {
+      at::AutoDispatchBelowADInplaceOrView guard;
+      outputs = Op().redispatch(ks & c10::after_ADInplaceOrView_keyset, args...);
+    }
+    set_output_history(outputs, node);
+    return outputs;
+  }
+};
+
+// The out= and in-place forms (void ops). Autograd: like ATen's out= functions they are not
+// differentiable, and say so when an argument requires grad. ADInplaceOrView: bump the version
+// counter of every argument written (positions `Written`), like ATen's in-place ops (autograd's
+// generic fallback only bumps tensors that are also returned, and these ops return nothing:
+// torch.compile cannot functionalize a custom op that returns an alias).
+template <auto Op, class Written, class Sig = SignatureOf<Op>>
+struct Mutating;
+template <auto Op, size_t... Written, class... Args>
+struct Mutating<Op, std::index_sequence<Written...>, void(Args...)> {
+  static void autograd(c10::DispatchKeySet ks, Args... args) {
+    if (at::GradMode::is_enabled()) {
+      TORCH_CHECK(!(requires_grad_arg(args) || ...), Op().schema().name(), ".",
+                  Op().schema().overload_name(),
                   ": functions with out=... arguments don't support automatic differentiation, "
                   "but one of the arguments requires grad.");
     }
+    at::AutoDispatchBelowAutograd guard;
+    Op().redispatch(ks & c10::after_autograd_keyset, args...);
   }
-  at::AutoDispatchBelowAutograd guard;
-  op.redispatchBoxed(ks & c10::after_autograd_keyset, stack);
-}
 
-// ADInplaceOrView kernel of the ops that write into arguments (out= and in-place forms): run the
-// op, then bump the version counter of every argument the schema marks as written, like ATen's
-// in-place ops. (autograd's generic fallback only bumps tensors that are also returned, and these
-// ops return nothing: torch.compile cannot functionalize a custom op that returns an alias.)
-void bump_written_versions(const c10::OperatorHandle& op, c10::DispatchKeySet ks,
-                           torch::jit::Stack* stack) {
-  const auto& args = op.schema().arguments();
-  const size_t first = stack->size() - args.size();
-  std::vector<at::Tensor> written;
-  for (size_t i = 0; i < args.size(); ++i) {
-    const c10::AliasInfo* alias = args[i].alias_info();
-    const c10::IValue& value = (*stack)[first + i];
-    if (alias != nullptr && alias->isWrite() && value.isTensor()) {
-      written.push_back(value.toTensor());
+  static void inplace_or_view(c10::DispatchKeySet ks, Args... args) {
+    {
+      at::AutoDispatchBelowADInplaceOrView guard;
+      Op().redispatch(ks & c10::after_ADInplaceOrView_keyset, args...);
     }
+    const auto all = std::forward_as_tuple(args...);
+    (torch::autograd::impl::bump_version(std::get<Written>(all)), ...);
   }
-  {
-    at::AutoDispatchBelowADInplaceOrView guard;
-    op.redispatchBoxed(ks & c10::after_ADInplaceOrView_keyset, stack);
-  }
-  for (const at::Tensor& t : written) {
-    torch::autograd::impl::bump_version(t);
-  }
-}
+};
+
+// Argument positions written: out (layer_norm.out, rms_norm.out); residual and out (in-place).
+using LayerNormOut = Mutating<&ops::layer_norm_out, std::index_sequence<6>>;
+using RMSNormOut = Mutating<&ops::rms_norm_out, std::index_sequence<5>>;
+using AddLayerNormInplace = Mutating<&ops::add_layer_norm_inplace, std::index_sequence<1, 7>>;
+using AddRMSNormInplace = Mutating<&ops::add_rms_norm_inplace, std::index_sequence<1, 6>>;
 
 }  // namespace
 
@@ -383,21 +471,23 @@ TORCH_LIBRARY_IMPL(layernorm_ext, Autograd, m) {
   m.impl("rms_norm", TORCH_FN(rms_norm_autograd));
   m.impl("add_layer_norm", TORCH_FN(add_layer_norm_autograd));
   m.impl("add_rms_norm", TORCH_FN(add_rms_norm_autograd));
-  for (const char* name : {"layer_norm_fwd", "layer_norm_bwd", "rms_norm_fwd", "rms_norm_bwd",
-                           "add_layer_norm_fwd", "add_rms_norm_fwd"}) {
-    m.impl(name, torch::autograd::autogradNotImplementedFallback());
-  }
-  for (const char* name :
-       {"layer_norm.out", "rms_norm.out", "add_layer_norm_inplace", "add_rms_norm_inplace"}) {
-    m.impl(name, torch::CppFunction::makeFromBoxedFunction<&not_differentiable_mutating>());
-  }
+  m.impl("layer_norm_fwd", TORCH_FN(NoDerivative<&ops::layer_norm_fwd>::call));
+  m.impl("layer_norm_bwd", TORCH_FN(NoDerivative<&ops::layer_norm_bwd>::call));
+  m.impl("rms_norm_fwd", TORCH_FN(NoDerivative<&ops::rms_norm_fwd>::call));
+  m.impl("rms_norm_bwd", TORCH_FN(NoDerivative<&ops::rms_norm_bwd>::call));
+  m.impl("add_layer_norm_fwd", TORCH_FN(NoDerivative<&ops::add_layer_norm_fwd>::call));
+  m.impl("add_rms_norm_fwd", TORCH_FN(NoDerivative<&ops::add_rms_norm_fwd>::call));
+  m.impl("layer_norm.out", TORCH_FN(LayerNormOut::autograd));
+  m.impl("rms_norm.out", TORCH_FN(RMSNormOut::autograd));
+  m.impl("add_layer_norm_inplace", TORCH_FN(AddLayerNormInplace::autograd));
+  m.impl("add_rms_norm_inplace", TORCH_FN(AddRMSNormInplace::autograd));
 }
 
 TORCH_LIBRARY_IMPL(layernorm_ext, ADInplaceOrView, m) {
-  for (const char* name :
-       {"layer_norm.out", "rms_norm.out", "add_layer_norm_inplace", "add_rms_norm_inplace"}) {
-    m.impl(name, torch::CppFunction::makeFromBoxedFunction<&bump_written_versions>());
-  }
+  m.impl("layer_norm.out", TORCH_FN(LayerNormOut::inplace_or_view));
+  m.impl("rms_norm.out", TORCH_FN(RMSNormOut::inplace_or_view));
+  m.impl("add_layer_norm_inplace", TORCH_FN(AddLayerNormInplace::inplace_or_view));
+  m.impl("add_rms_norm_inplace", TORCH_FN(AddRMSNormInplace::inplace_or_view));
 }
 
 }  // namespace layernorm_ext

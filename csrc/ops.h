@@ -104,4 +104,37 @@ inline auto& add_rms_norm_fwd() {
   return op;
 }
 
+// The forms that write into arguments (out=, in-place residual).
+inline auto& layer_norm_out() {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("layernorm_ext::layer_norm", "out")
+                       .typed<void(const at::Tensor&, c10::SymIntArrayRef, const OptTensor&,
+                                   const OptTensor&, double, bool, at::Tensor&)>();
+  return op;
+}
+
+inline auto& rms_norm_out() {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("layernorm_ext::rms_norm", "out")
+                       .typed<void(const at::Tensor&, c10::SymIntArrayRef, const OptTensor&,
+                                   std::optional<double>, bool, at::Tensor&)>();
+  return op;
+}
+
+inline auto& add_layer_norm_inplace() {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("layernorm_ext::add_layer_norm_inplace", "")
+                       .typed<void(const at::Tensor&, at::Tensor&, c10::SymIntArrayRef,
+                                   const OptTensor&, const OptTensor&, double, bool, at::Tensor&)>();
+  return op;
+}
+
+inline auto& add_rms_norm_inplace() {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("layernorm_ext::add_rms_norm_inplace", "")
+                       .typed<void(const at::Tensor&, at::Tensor&, c10::SymIntArrayRef,
+                                   const OptTensor&, std::optional<double>, bool, at::Tensor&)>();
+  return op;
+}
+
 }  // namespace layernorm_ext::ops

@@ -2,11 +2,12 @@
 // kernels (norm_krnl.cpp) chosen by isa.cpp. Registers the CPU kernels of every op.
 
 #include <ATen/Parallel.h>
-#include <ATen/ops/zeros.h>
+#include <ATen/ops/empty.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <fstream>
 #include <string>
 
@@ -150,10 +151,22 @@ void launch_backward_cpu(const BwdProblem& p) {
   int64_t chunks = gradient_chunks(p.M, N);
   const int64_t rows_per_chunk = (p.M + chunks - 1) / chunks;
   chunks = (p.M + rows_per_chunk - 1) / rows_per_chunk;
-  const auto acc_options = p.x.options().dtype(acc_type(p.x.scalar_type()));
-  const at::Tensor dw_partial = need_dw ? at::zeros({chunks, N}, acc_options) : at::Tensor();
-  const at::Tensor db_partial = need_db ? at::zeros({chunks, N}, acc_options) : at::Tensor();
-  const size_t acc_size = acc_options.dtype().itemsize();
+  const at::ScalarType acc_dtype = acc_type(p.x.scalar_type());
+  const size_t acc_size = c10::elementSize(acc_dtype);
+  // Partial rows, zeroed here (a memset, not a zeros op). A single chunk of an fp32 / fp64
+  // parameter accumulates straight into the gradient: no partial buffer, no column pass.
+  auto partial_rows = [&](const at::Tensor& grad) -> at::Tensor {
+    if (!grad.defined()) {
+      return at::Tensor();
+    }
+    at::Tensor rows = chunks == 1 && grad.scalar_type() == acc_dtype && grad.is_contiguous()
+                          ? grad
+                          : at::empty({chunks, N}, p.x.options().dtype(acc_dtype));
+    std::memset(rows.mutable_data_ptr(), 0, static_cast<size_t>(chunks * N) * acc_size);
+    return rows;
+  };
+  const at::Tensor dw_partial = partial_rows(p.dweight);
+  const at::Tensor db_partial = partial_rows(p.dbias);
   char* dw_base = need_dw ? static_cast<char*>(dw_partial.mutable_data_ptr()) : nullptr;
   char* db_base = need_db ? static_cast<char*>(db_partial.mutable_data_ptr()) : nullptr;
   at::parallel_for(0, chunks, 1, [&](int64_t c_begin, int64_t c_end) {
@@ -164,11 +177,16 @@ void launch_backward_cpu(const BwdProblem& p) {
       fn(k, begin, end, need_dw ? dw_base + offset : nullptr, need_db ? db_base + offset : nullptr);
     }
   });
+  const bool sum_dw = need_dw && !dw_partial.is_same(p.dweight);
+  const bool sum_db = need_db && !db_partial.is_same(p.dbias);
+  if (!sum_dw && !sum_db) {
+    return;
+  }
   const cpu::ColumnSumFn column_sum = table.column_sum[p.combo];
   const int64_t col_grain = std::max<int64_t>(64, kGrainElements / chunks);
   at::parallel_for(0, N, col_grain, [&](int64_t begin, int64_t end) {
-    if (need_dw) column_sum(dw_base, chunks, N, begin, end, p.dweight.mutable_data_ptr());
-    if (need_db) column_sum(db_base, chunks, N, begin, end, p.dbias.mutable_data_ptr());
+    if (sum_dw) column_sum(dw_base, chunks, N, begin, end, p.dweight.mutable_data_ptr());
+    if (sum_db) column_sum(db_base, chunks, N, begin, end, p.dbias.mutable_data_ptr());
   });
 }
 
