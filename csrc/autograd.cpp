@@ -19,8 +19,8 @@
 //    silently dropped).
 
 #include <torch/autograd.h>
-#include <torch/csrc/autograd/functions/basic_ops.h>
 #include <torch/csrc/autograd/function.h>
+#include <torch/csrc/autograd/functions/basic_ops.h>
 #include <torch/csrc/autograd/functions/utils.h>
 #include <torch/csrc/autograd/saved_variable.h>
 #include <torch/csrc/autograd/variable.h>
@@ -251,10 +251,9 @@ class NormBackward final : public torch::autograd::Node {
   SavedVariable input_, weight_, bias_, mean_, rstd_;
 };
 
-NodePtr<NormBackward> make_node(bool rms, bool fused,
-                                           c10::SymIntArrayRef normalized_shape,
-                                           bool zero_centered_weight,
-                                           torch::autograd::edge_list&& next_edges) {
+NodePtr<NormBackward> make_node(bool rms, bool fused, c10::SymIntArrayRef normalized_shape,
+                                bool zero_centered_weight,
+                                torch::autograd::edge_list&& next_edges) {
   auto node = new_node<NormBackward>(
       NormKind{rms, fused, zero_centered_weight, static_cast<int64_t>(normalized_shape.size())});
   node->set_next_edges(std::move(next_edges));

@@ -122,10 +122,11 @@ inline auto& rms_norm_out() {
 }
 
 inline auto& add_layer_norm_inplace() {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("layernorm_ext::add_layer_norm_inplace", "")
-                       .typed<void(const at::Tensor&, at::Tensor&, c10::SymIntArrayRef,
-                                   const OptTensor&, const OptTensor&, double, bool, at::Tensor&)>();
+  static auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("layernorm_ext::add_layer_norm_inplace", "")
+          .typed<void(const at::Tensor&, at::Tensor&, c10::SymIntArrayRef, const OptTensor&,
+                      const OptTensor&, double, bool, at::Tensor&)>();
   return op;
 }
 

@@ -1,10 +1,16 @@
 // The Python module layernorm_ext._C: its init (importing it runs the op registrations of this
-// shared library) and the eager fast entries of the two hot ops.
+// shared library) and the eager fast entries of the functional API.
 //
-// layernorm_ext._C.layer_norm(input, normalized_shape, weight, bias, eps, zero_centered_weight)
-// layernorm_ext._C.rms_norm(input, normalized_shape, weight, eps, zero_centered_weight)
+// layernorm_ext._C.layer_norm(input, normalized_shape, weight, bias, eps, zero_centered_weight,
+// out) layernorm_ext._C.rms_norm(input, normalized_shape, weight, eps, zero_centered_weight, out)
+// layernorm_ext._C.add_layer_norm(input, residual, normalized_shape, weight, bias, eps,
+//                                 zero_centered_weight, out)
+// layernorm_ext._C.add_rms_norm(input, residual, normalized_shape, weight, eps,
+//                               zero_centered_weight, out)
 //
-// They call the same dispatcher op as torch.ops.layernorm_ext.<op>.default (so autograd,
+// out=None selects the op returning fresh outputs; a tensor selects the form writing into it
+// (layer_norm.out, rms_norm.out, add_*_norm_inplace), and the entry returns it. They call the same
+// dispatcher op as torch.ops.layernorm_ext.<op>.default (so autograd,
 // __torch_dispatch__ modes, profiling and tracing all apply), but parse their arguments directly
 // instead of through the OpOverload's generic binding (schema-driven IValue conversion, a stack,
 // boxed dispatch), which costs ~1.5 us per call: at (1, 768) more than the kernel. Whatever the
@@ -19,7 +25,9 @@
 #include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/python_variable.h>
 
+#include <algorithm>
 #include <optional>
+#include <tuple>
 
 #include "ops.h"
 
@@ -67,48 +75,102 @@ bool int_list(PyObject* obj, c10::SmallVector<c10::SymInt, 4>& out) {
   return true;
 }
 
-// The OpOverload torch.ops.layernorm_ext.<name>.default, looked up on first use (new reference
-// kept for the life of the process).
-PyObject* op_overload(const char* name) {
-  PyObject* obj = PyImport_ImportModule("torch");
-  for (const char* attr : {"ops", "layernorm_ext", name, "default"}) {
-    if (obj == nullptr) return nullptr;
-    PyObject* next = PyObject_GetAttrString(obj, attr);
-    Py_DECREF(obj);
-    obj = next;
-  }
-  return obj;
-}
+// An OpOverload torch.ops.layernorm_ext.<name>.<overload>, looked up on first use (new
+// reference kept for the life of the process).
+struct OpRef {
+  const char* name;
+  const char* overload;
+  PyObject* obj = nullptr;
 
-// Calls the OpOverload with the entry's arguments: the first `npos` positionally, then
-// zero_centered_weight= as a bool (the functional API's truthiness rule).
-PyObject* fallback(PyObject*& op, const char* name, PyObject* const* args, Py_ssize_t nargs,
-                   Py_ssize_t npos) {
-  if (op == nullptr && (op = op_overload(name)) == nullptr) return nullptr;
-  if (nargs != npos + 1) return PyObject_Vectorcall(op, args, nargs, nullptr);
-  static PyObject* kwnames = Py_BuildValue("(s)", "zero_centered_weight");
-  if (kwnames == nullptr) return nullptr;
+  PyObject* get() {
+    if (obj != nullptr) return obj;
+    PyObject* o = PyImport_ImportModule("torch");
+    for (const char* attr : {"ops", "layernorm_ext", name, overload}) {
+      if (o == nullptr) return nullptr;
+      PyObject* next = PyObject_GetAttrString(o, attr);
+      Py_DECREF(o);
+      o = next;
+    }
+    return obj = o;
+  }
+};
+
+// Calls the OpOverload with an entry's arguments: the first `npos` positionally, then the
+// keyword-only zero_centered_weight (as a bool: the functional API's truthiness rule) and, for
+// the forms that write into `out`, out=. Those forms return `out` (the op returns nothing).
+// With an unexpected argument count the op gets them as given, and reports the error.
+PyObject* fallback(OpRef& op, PyObject* const* args, Py_ssize_t nargs, Py_ssize_t npos,
+                   bool with_out) {
+  PyObject* callable = op.get();
+  if (callable == nullptr) return nullptr;
+  const Py_ssize_t nkw = with_out ? 2 : 1;
+  if (nargs != npos + nkw) return PyObject_Vectorcall(callable, args, nargs, nullptr);
+  static PyObject* kw_zcw = Py_BuildValue("(s)", "zero_centered_weight");
+  static PyObject* kw_zcw_out = Py_BuildValue("(ss)", "zero_centered_weight", "out");
+  if (kw_zcw == nullptr || kw_zcw_out == nullptr) return nullptr;
   const int zero_centered = PyObject_IsTrue(args[npos]);
   if (zero_centered < 0) return nullptr;
-  PyObject* call_args[6];
+  PyObject* call_args[10];
   for (Py_ssize_t i = 0; i < npos; ++i) call_args[i] = args[i];
   call_args[npos] = zero_centered ? Py_True : Py_False;
-  return PyObject_Vectorcall(op, call_args, npos, kwnames);
+  if (with_out) call_args[npos + 1] = args[npos + 1];
+  PyObject* result = PyObject_Vectorcall(callable, call_args, npos, with_out ? kw_zcw_out : kw_zcw);
+  if (result == nullptr || !with_out) return result;
+  Py_DECREF(result);
+  Py_INCREF(args[npos + 1]);
+  return args[npos + 1];
 }
 
+// The checks every entry makes before taking the lean path.
+bool lean_ok(Py_ssize_t nargs, Py_ssize_t expected, PyObject* input) {
+  return nargs == expected && !at::impl::torch_function_mode_enabled() && plain_tensor(input);
+}
+bool float_arg(PyObject* obj) { return PyFloat_CheckExact(obj); }
+bool float_or_none(PyObject* obj) { return obj == Py_None || PyFloat_CheckExact(obj); }
+std::optional<double> opt_float(PyObject* obj) {
+  return obj == Py_None ? std::nullopt : std::optional<double>(PyFloat_AS_DOUBLE(obj));
+}
+
+PyObject* wrap_pair(std::tuple<at::Tensor, at::Tensor>&& pair) {
+  PyObject* first = THPVariable_Wrap(std::move(std::get<0>(pair)));
+  if (first == nullptr) return nullptr;
+  PyObject* second = THPVariable_Wrap(std::move(std::get<1>(pair)));
+  if (second == nullptr) {
+    Py_DECREF(first);
+    return nullptr;
+  }
+  PyObject* pair_obj = PyTuple_Pack(2, first, second);
+  Py_DECREF(first);
+  Py_DECREF(second);
+  return pair_obj;
+}
+
+// layer_norm(input, normalized_shape, weight, bias, eps, zero_centered_weight, out)
 PyObject* layer_norm_entry(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
-  static PyObject* op = nullptr;
+  static OpRef op{"layer_norm", "default"};
+  static OpRef op_out{"layer_norm", "out"};
+  const bool with_out = nargs == 7 && args[6] != Py_None;
   OptTensor weight, bias;
   c10::SmallVector<c10::SymInt, 4> shape;
-  if (nargs != 6 || at::impl::torch_function_mode_enabled() || !plain_tensor(args[0]) ||
-      !int_list(args[1], shape) || !tensor_or_none(args[2], weight) ||
-      !tensor_or_none(args[3], bias) || !PyFloat_CheckExact(args[4]) || !PyBool_Check(args[5])) {
-    return fallback(op, "layer_norm", args, nargs, 5);
+  if (!lean_ok(nargs, 7, args[0]) || !int_list(args[1], shape) ||
+      !tensor_or_none(args[2], weight) || !tensor_or_none(args[3], bias) || !float_arg(args[4]) ||
+      !PyBool_Check(args[5]) || (with_out && !plain_tensor(args[6]))) {
+    return with_out ? fallback(op_out, args, nargs, 5, true)
+                    : fallback(op, args, std::min<Py_ssize_t>(nargs, 6), 5, false);
   }
   const at::Tensor& input = THPVariable_Unpack(args[0]);
   const double eps = PyFloat_AS_DOUBLE(args[4]);
   const bool zero_centered_weight = args[5] == Py_True;
+  if (with_out) {
+    {
+      GilRelease no_gil;
+      ops::layer_norm_out().call(input, shape, weight, bias, eps, zero_centered_weight,
+                                 const_cast<at::Tensor&>(THPVariable_Unpack(args[6])));
+    }
+    Py_INCREF(args[6]);
+    return args[6];
+  }
   at::Tensor out;
   {
     GilRelease no_gil;
@@ -118,20 +180,32 @@ PyObject* layer_norm_entry(PyObject* /*module*/, PyObject* const* args, Py_ssize
   END_HANDLE_TH_ERRORS
 }
 
+// rms_norm(input, normalized_shape, weight, eps, zero_centered_weight, out)
 PyObject* rms_norm_entry(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
-  static PyObject* op = nullptr;
+  static OpRef op{"rms_norm", "default"};
+  static OpRef op_out{"rms_norm", "out"};
+  const bool with_out = nargs == 6 && args[5] != Py_None;
   OptTensor weight;
   c10::SmallVector<c10::SymInt, 4> shape;
-  if (nargs != 5 || at::impl::torch_function_mode_enabled() || !plain_tensor(args[0]) ||
-      !int_list(args[1], shape) || !tensor_or_none(args[2], weight) ||
-      !(args[3] == Py_None || PyFloat_CheckExact(args[3])) || !PyBool_Check(args[4])) {
-    return fallback(op, "rms_norm", args, nargs, 4);
+  if (!lean_ok(nargs, 6, args[0]) || !int_list(args[1], shape) ||
+      !tensor_or_none(args[2], weight) || !float_or_none(args[3]) || !PyBool_Check(args[4]) ||
+      (with_out && !plain_tensor(args[5]))) {
+    return with_out ? fallback(op_out, args, nargs, 4, true)
+                    : fallback(op, args, std::min<Py_ssize_t>(nargs, 5), 4, false);
   }
   const at::Tensor& input = THPVariable_Unpack(args[0]);
-  const std::optional<double> eps =
-      args[3] == Py_None ? std::nullopt : std::optional<double>(PyFloat_AS_DOUBLE(args[3]));
+  const std::optional<double> eps = opt_float(args[3]);
   const bool zero_centered_weight = args[4] == Py_True;
+  if (with_out) {
+    {
+      GilRelease no_gil;
+      ops::rms_norm_out().call(input, shape, weight, eps, zero_centered_weight,
+                               const_cast<at::Tensor&>(THPVariable_Unpack(args[5])));
+    }
+    Py_INCREF(args[5]);
+    return args[5];
+  }
   at::Tensor out;
   {
     GilRelease no_gil;
@@ -141,15 +215,104 @@ PyObject* rms_norm_entry(PyObject* /*module*/, PyObject* const* args, Py_ssize_t
   END_HANDLE_TH_ERRORS
 }
 
+// add_layer_norm(input, residual, normalized_shape, weight, bias, eps, zero_centered_weight,
+// out): out None gives (out, residual_out); a tensor out selects the in-place form (residual
+// += input, the norm into out) and returns out.
+PyObject* add_layer_norm_entry(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  static OpRef op{"add_layer_norm", "default"};
+  static OpRef op_inplace{"add_layer_norm_inplace", "default"};
+  const bool inplace = nargs == 8 && args[7] != Py_None;
+  OptTensor weight, bias;
+  c10::SmallVector<c10::SymInt, 4> shape;
+  if (!lean_ok(nargs, 8, args[0]) || !plain_tensor(args[1]) || !int_list(args[2], shape) ||
+      !tensor_or_none(args[3], weight) || !tensor_or_none(args[4], bias) || !float_arg(args[5]) ||
+      !PyBool_Check(args[6]) || (inplace && !plain_tensor(args[7]))) {
+    return inplace ? fallback(op_inplace, args, nargs, 6, true)
+                   : fallback(op, args, std::min<Py_ssize_t>(nargs, 7), 6, false);
+  }
+  const at::Tensor& input = THPVariable_Unpack(args[0]);
+  const double eps = PyFloat_AS_DOUBLE(args[5]);
+  const bool zero_centered_weight = args[6] == Py_True;
+  if (inplace) {
+    {
+      GilRelease no_gil;
+      ops::add_layer_norm_inplace().call(
+          input, const_cast<at::Tensor&>(THPVariable_Unpack(args[1])), shape, weight, bias, eps,
+          zero_centered_weight, const_cast<at::Tensor&>(THPVariable_Unpack(args[7])));
+    }
+    Py_INCREF(args[7]);
+    return args[7];
+  }
+  std::tuple<at::Tensor, at::Tensor> outs;
+  {
+    GilRelease no_gil;
+    outs = ops::add_layer_norm().call(input, THPVariable_Unpack(args[1]), shape, weight, bias, eps,
+                                      zero_centered_weight);
+  }
+  return wrap_pair(std::move(outs));
+  END_HANDLE_TH_ERRORS
+}
+
+// add_rms_norm(input, residual, normalized_shape, weight, eps, zero_centered_weight, out): as
+// add_layer_norm.
+PyObject* add_rms_norm_entry(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  static OpRef op{"add_rms_norm", "default"};
+  static OpRef op_inplace{"add_rms_norm_inplace", "default"};
+  const bool inplace = nargs == 7 && args[6] != Py_None;
+  OptTensor weight;
+  c10::SmallVector<c10::SymInt, 4> shape;
+  if (!lean_ok(nargs, 7, args[0]) || !plain_tensor(args[1]) || !int_list(args[2], shape) ||
+      !tensor_or_none(args[3], weight) || !float_or_none(args[4]) || !PyBool_Check(args[5]) ||
+      (inplace && !plain_tensor(args[6]))) {
+    return inplace ? fallback(op_inplace, args, nargs, 5, true)
+                   : fallback(op, args, std::min<Py_ssize_t>(nargs, 6), 5, false);
+  }
+  const at::Tensor& input = THPVariable_Unpack(args[0]);
+  const std::optional<double> eps = opt_float(args[4]);
+  const bool zero_centered_weight = args[5] == Py_True;
+  if (inplace) {
+    {
+      GilRelease no_gil;
+      ops::add_rms_norm_inplace().call(input, const_cast<at::Tensor&>(THPVariable_Unpack(args[1])),
+                                       shape, weight, eps, zero_centered_weight,
+                                       const_cast<at::Tensor&>(THPVariable_Unpack(args[6])));
+    }
+    Py_INCREF(args[6]);
+    return args[6];
+  }
+  std::tuple<at::Tensor, at::Tensor> outs;
+  {
+    GilRelease no_gil;
+    outs = ops::add_rms_norm().call(input, THPVariable_Unpack(args[1]), shape, weight, eps,
+                                    zero_centered_weight);
+  }
+  return wrap_pair(std::move(outs));
+  END_HANDLE_TH_ERRORS
+}
+
+template <auto Fn>
+PyCFunction fastcall() {
+  return reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(Fn));
+}
+
 PyMethodDef methods[] = {
-    {"layer_norm", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&layer_norm_entry)),
-     METH_FASTCALL,
-     "layer_norm(input, normalized_shape, weight, bias, eps, zero_centered_weight): "
-     "torch.ops.layernorm_ext.layer_norm with a lean argument parser (eager only)."},
-    {"rms_norm", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&rms_norm_entry)),
-     METH_FASTCALL,
-     "rms_norm(input, normalized_shape, weight, eps, zero_centered_weight): "
-     "torch.ops.layernorm_ext.rms_norm with a lean argument parser (eager only)."},
+    {"layer_norm", fastcall<&layer_norm_entry>(), METH_FASTCALL,
+     "layer_norm(input, normalized_shape, weight, bias, eps, zero_centered_weight, out): "
+     "torch.ops.layernorm_ext.layer_norm (out None) or layer_norm.out, with a lean argument "
+     "parser (eager only); returns the output."},
+    {"rms_norm", fastcall<&rms_norm_entry>(), METH_FASTCALL,
+     "rms_norm(input, normalized_shape, weight, eps, zero_centered_weight, out): "
+     "torch.ops.layernorm_ext.rms_norm (out None) or rms_norm.out, with a lean argument parser "
+     "(eager only); returns the output."},
+    {"add_layer_norm", fastcall<&add_layer_norm_entry>(), METH_FASTCALL,
+     "add_layer_norm(input, residual, normalized_shape, weight, bias, eps, zero_centered_weight, "
+     "out): torch.ops.layernorm_ext.add_layer_norm (out None: returns (out, residual_out)) or "
+     "add_layer_norm_inplace (returns out), with a lean argument parser (eager only)."},
+    {"add_rms_norm", fastcall<&add_rms_norm_entry>(), METH_FASTCALL,
+     "add_rms_norm(input, residual, normalized_shape, weight, eps, zero_centered_weight, out): "
+     "as add_layer_norm, for RMSNorm."},
     {nullptr, nullptr, 0, nullptr}};
 
 }  // namespace
@@ -160,7 +323,7 @@ PyMODINIT_FUNC PyInit__C(void) {
   static struct PyModuleDef module_def = {
       PyModuleDef_HEAD_INIT, "_C",
       "layernorm_ext kernels (ops are in torch.ops.layernorm_ext) and the eager fast entries of "
-      "layer_norm and rms_norm",
+      "the functional API",
       -1, layernorm_ext::methods};
   return PyModule_Create(&module_def);
 }

@@ -28,13 +28,16 @@ _layer_norm = _ops.layer_norm.default
 _layer_norm_out = _ops.layer_norm.out
 _rms_norm = _ops.rms_norm.default
 _rms_norm_out = _ops.rms_norm.out
-# Eager fast entries (csrc/python_entry.cpp): the same dispatcher op (autograd, __torch_dispatch__
+# Eager fast entries (csrc/python_entry.cpp): the same dispatcher ops (autograd, __torch_dispatch__
 # modes, profiling all still apply) behind a lean argument parser instead of the OpOverload's
-# generic binding, ~1.5 us less per call; Tensor subclasses, an active torch-function mode and
-# unusual argument types go to the OpOverload. Positional, zero_centered_weight last.
-# torch.compile does not know them, so traced code uses the OpOverload instead.
+# generic binding, ~2 us less per call; Tensor subclasses, an active torch-function mode and
+# unusual argument types go to the OpOverload. Positional: ..., zero_centered_weight, out; out=None
+# selects the op with fresh outputs, a tensor the form that writes into it (returned).
+# torch.compile does not know them, so traced code uses the OpOverloads instead.
 _layer_norm_fast = _C.layer_norm
 _rms_norm_fast = _C.rms_norm
+_add_layer_norm_fast = _C.add_layer_norm
+_add_rms_norm_fast = _C.add_rms_norm
 _is_compiling = torch.compiler.is_compiling
 
 ShapeLike = int | Sequence[int] | torch.Size
@@ -71,9 +74,9 @@ def layer_norm(
         The normalized tensor, in the input's dtype and shape (``out`` if given).
     """
     shape = (normalized_shape,) if isinstance(normalized_shape, int) else normalized_shape
+    if not _is_compiling():
+        return _layer_norm_fast(input, shape, weight, bias, eps, zero_centered_weight, out)
     if out is None:
-        if not _is_compiling():
-            return _layer_norm_fast(input, shape, weight, bias, eps, zero_centered_weight)
         return _layer_norm(
             input, shape, weight, bias, eps, zero_centered_weight=zero_centered_weight
         )
@@ -107,9 +110,9 @@ def rms_norm(
         out: optional preallocated output. Not differentiable.
     """
     shape = (normalized_shape,) if isinstance(normalized_shape, int) else normalized_shape
+    if not _is_compiling():
+        return _rms_norm_fast(input, shape, weight, eps, zero_centered_weight, out)
     if out is None:
-        if not _is_compiling():
-            return _rms_norm_fast(input, shape, weight, eps, zero_centered_weight)
         return _rms_norm(input, shape, weight, eps, zero_centered_weight=zero_centered_weight)
     _rms_norm_out(input, shape, weight, eps, zero_centered_weight=zero_centered_weight, out=out)
     return out
@@ -146,6 +149,11 @@ def add_layer_norm(
     if inplace:
         if out is None:
             out = torch.empty_like(input, memory_format=torch.contiguous_format)
+        if not _is_compiling():
+            _add_layer_norm_fast(
+                input, residual, shape, weight, bias, eps, zero_centered_weight, out
+            )
+            return out, residual
         _ops.add_layer_norm_inplace(
             input, residual, shape, weight, bias, eps,
             zero_centered_weight=zero_centered_weight, out=out,
@@ -153,6 +161,10 @@ def add_layer_norm(
         return out, residual
     if out is not None:
         raise ValueError("add_layer_norm: out= is supported together with inplace=True")
+    if not _is_compiling():
+        return _add_layer_norm_fast(
+            input, residual, shape, weight, bias, eps, zero_centered_weight, None
+        )
     return _ops.add_layer_norm.default(
         input, residual, shape, weight, bias, eps, zero_centered_weight=zero_centered_weight
     )
@@ -177,6 +189,9 @@ def add_rms_norm(
     if inplace:
         if out is None:
             out = torch.empty_like(input, memory_format=torch.contiguous_format)
+        if not _is_compiling():
+            _add_rms_norm_fast(input, residual, shape, weight, eps, zero_centered_weight, out)
+            return out, residual
         _ops.add_rms_norm_inplace(
             input, residual, shape, weight, eps,
             zero_centered_weight=zero_centered_weight, out=out,
@@ -184,6 +199,8 @@ def add_rms_norm(
         return out, residual
     if out is not None:
         raise ValueError("add_rms_norm: out= is supported together with inplace=True")
+    if not _is_compiling():
+        return _add_rms_norm_fast(input, residual, shape, weight, eps, zero_centered_weight, None)
     return _ops.add_rms_norm.default(
         input, residual, shape, weight, eps, zero_centered_weight=zero_centered_weight
     )

@@ -50,7 +50,7 @@ class LayerNorm(_ZeroCenteredWeight, torch.nn.LayerNorm):
         if not _is_compiling():
             return _layer_norm_fast(
                 input, self.normalized_shape, self.weight, self.bias, self.eps,
-                self.zero_centered_weight,
+                self.zero_centered_weight, None,
             )  # fmt: skip
         return layer_norm(
             input, self.normalized_shape, self.weight, self.bias, self.eps,
@@ -69,7 +69,7 @@ class RMSNorm(_ZeroCenteredWeight, torch.nn.RMSNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not _is_compiling():
             return _rms_norm_fast(
-                x, self.normalized_shape, self.weight, self.eps, self.zero_centered_weight
+                x, self.normalized_shape, self.weight, self.eps, self.zero_centered_weight, None
             )
         return rms_norm(
             x, self.normalized_shape, self.weight, self.eps,

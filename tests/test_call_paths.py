@@ -219,3 +219,115 @@ def test_bad_arguments_raise_the_ops_errors(args, match):
         L.layer_norm(x, *args)
     with pytest.raises(RuntimeError, match=match):
         torch.ops.layernorm_ext.layer_norm.default(x, *args)
+
+
+# --- the fast entries' out= and fused forms ----------------------------------------------------
+
+
+def _fused_ops():
+    ext = torch.ops.layernorm_ext
+    return {
+        "ln": (L.add_layer_norm, ext.add_layer_norm.default, ext.add_layer_norm_inplace.default),
+        "rms": (L.add_rms_norm, ext.add_rms_norm.default, ext.add_rms_norm_inplace.default),
+    }
+
+
+@pytest.mark.parametrize("op", ["ln", "rms"])
+def test_out_form_writes_returns_and_bumps_the_version(op):
+    x, w = torch.randn(3, N), torch.randn(N)
+    out = torch.empty(3, N)
+    version = out._version
+    if op == "ln":
+        got = L.layer_norm(x, N, w, None, 1e-5, out=out)
+        ref = torch.ops.layernorm_ext.layer_norm.default(x, [N], w, None, 1e-5)
+    else:
+        got = L.rms_norm(x, N, w, None, out=out)
+        ref = torch.ops.layernorm_ext.rms_norm.default(x, [N], w, None)
+    assert got is out
+    assert out._version > version
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("op", ["ln", "rms"])
+def test_fused_entries_match_the_ops(op):
+    fn, plain, inplace = _fused_ops()[op]
+    x, r, w = torch.randn(3, N), torch.randn(3, N), torch.randn(N)
+    args = (w, None, 1e-5) if op == "ln" else (w, None)
+    out, res = fn(x, r, N, *args)
+    ref_out, ref_res = plain(x, r, [N], *args)
+    torch.testing.assert_close(out, ref_out, rtol=0, atol=0)
+    torch.testing.assert_close(res, ref_res, rtol=0, atol=0)
+    # In place: residual updated, the norm into out (here the input itself), both returned.
+    r2, x2 = r.clone(), x.clone()
+    version = r2._version
+    got_out, got_res = fn(x2, r2, N, *args, inplace=True, out=x2)
+    assert got_out is x2 and got_res is r2
+    assert r2._version > version
+    torch.testing.assert_close(r2, ref_res, rtol=0, atol=0)
+    torch.testing.assert_close(x2, ref_out, rtol=0, atol=0)
+    r3, o3 = r.clone(), torch.empty(3, N)
+    inplace(x, r3, [N], *args, out=o3)
+    torch.testing.assert_close(o3, ref_out, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("op", ["ln", "rms"])
+@pytest.mark.parametrize("form", ["out", "fused", "fused_inplace"])
+def test_new_forms_honour_torch_function(op, form):
+    """Subclass inputs and torch-function modes see the op (the entries fall back to it)."""
+    x, r, w = torch.randn(2, N), torch.randn(2, N), torch.randn(N)
+    name = {"ln": "layer_norm", "rms": "rms_norm"}[op]
+
+    def call(x):
+        if form == "out":
+            out = torch.empty(2, N)
+            return (L.layer_norm if op == "ln" else L.rms_norm)(x, N, w, out=out)
+        fn = _fused_ops()[op][0]
+        if form == "fused":
+            return fn(x, r.clone(), N, w)[0]
+        return fn(x, r.clone(), N, w, inplace=True)[0]
+
+    expected = call(x)
+    with _Recorder() as rec:
+        got = call(x)
+    assert any(name in s for s in rec.seen), rec.seen
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    _Logged.calls.clear()
+    got = call(x.as_subclass(_Logged))
+    assert any(name in s for s in _Logged.calls), _Logged.calls
+    torch.testing.assert_close(torch.Tensor(got), expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("op", ["ln", "rms"])
+def test_fused_argument_forms_and_errors(op):
+    fn, plain, _ = _fused_ops()[op]
+    x, r, w = torch.randn(3, N), torch.randn(3, N), torch.randn(N)
+    eps_args = (w, None, 1) if op == "ln" else (w, 1)
+    ref = plain(x, r, [N], *(w, None, 1.0) if op == "ln" else (w, 1.0))
+    for shape in (N, (N,), [N], torch.Size([N])):
+        got = fn(x, r, shape, *eps_args, zero_centered_weight=0)
+        torch.testing.assert_close(got[0], ref[0], rtol=0, atol=0)
+        torch.testing.assert_close(got[1], ref[1], rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match=r"expected input with shape \[\*, 7\]"):
+        fn(x, r, [7])
+    with pytest.raises(RuntimeError, match="residual"):
+        fn(x, torch.randn(2, N), N)
+    with pytest.raises(RuntimeError, match="out"):
+        fn(x, r.clone(), N, inplace=True, out=torch.empty(2, N))
+
+
+@pytest.mark.parametrize("form", ["ln_out", "rms_out", "add_ln_inplace", "add_rms_inplace"])
+def test_writing_forms_refuse_arguments_that_require_grad(form):
+    x, r = torch.randn(2, N), torch.randn(2, N)
+    w = torch.randn(N, requires_grad=True)
+    out = torch.empty(2, N)
+    calls = {
+        "ln_out": lambda: L.layer_norm(x, N, w, out=out),
+        "rms_out": lambda: L.rms_norm(x, N, w, out=out),
+        "add_ln_inplace": lambda: L.add_layer_norm(x, r, N, w, inplace=True, out=out),
+        "add_rms_inplace": lambda: L.add_rms_norm(x, r, N, w, inplace=True, out=out),
+    }
+    with pytest.raises(RuntimeError, match="don't support automatic differentiation"):
+        calls[form]()
+    with torch.no_grad():
+        calls[form]()  # fine without grad mode
+    assert torch.isfinite(out).all()
