@@ -10,6 +10,10 @@ and each grad condition, times ours (``layernorm_ext``) against torch (``torch.n
 * ``params / no_grad``: as ``params`` under ``torch.no_grad()``;
 * ``params / inference_mode``: as ``params`` under ``torch.inference_mode()``.
 
+A third API, ``train``, times a training step of the module alone: ``m(x).backward(g)`` with x,
+γ and β requiring grad (forward, graph node, backward op through the autograd engine, gradient
+accumulation into ``.grad``), against the same step of the torch module.
+
 Each row measures torch and ours alternately ``--rounds`` times and reports each one's median:
 microsecond timings on a VM drift between measurements by more than the differences measured.
 
@@ -75,13 +79,14 @@ def time_call(
 
     Args:
         impl: ``"ours"`` or ``"torch"``.
-        api: ``"functional"`` or ``"module"``.
+        api: ``"functional"``, ``"module"`` or ``"train"`` (module forward + backward; needs
+            grad mode and something requiring grad).
         requires_grad: ``"none"``, ``"params"`` (γ/β) or ``"all"`` (x, γ, β).
         context: ``"grad"``, ``"no_grad"`` or ``"inference_mode"``.
         op: ``"layer_norm"`` or ``"rms_norm"``.
         idle_wait, busy: see :func:`common.measure`.
     """
-    if impl not in ("ours", "torch") or api not in ("functional", "module"):
+    if impl not in ("ours", "torch") or api not in ("functional", "module", "train"):
         raise ValueError(f"unknown impl/api {impl!r}/{api!r}")
     if requires_grad not in ("none", "params", "all"):
         raise ValueError(f"unknown requires_grad {requires_grad!r}")
@@ -101,6 +106,9 @@ def time_call(
     env: dict[str, Any] = {"x": x, "m": m, "shape": (hidden,), "w": m.weight, "eps": m.eps}
     if api == "module":
         stmt = "m(x)"
+    elif api == "train":
+        env["g"] = torch.randn(rows, hidden, dtype=dtype)
+        stmt = "m(x).backward(g)"
     elif op == "layer_norm":
         env["f"] = layernorm_ext.layer_norm if impl == "ours" else F.layer_norm
         env["b"] = m.bias
@@ -200,40 +208,41 @@ def main(argv: Sequence[str] | None = None) -> int:
     clock = RunClock()
     printer.header()
     results = []
+    cases = [(api, rg, ctx) for api in ("functional", "module") for rg, ctx in CONDITIONS]
+    cases += [("train", "params", "grad"), ("train", "all", "grad")]
     for rows, hidden in args.shapes:
-        for api in ("functional", "module"):
-            for rg, ctx in CONDITIONS:
-                busy: list[float | None] = []
-                t = time_pair(
-                    api,
-                    rows,
-                    hidden,
-                    dtype,
-                    rg,
-                    ctx,
-                    op=args.op,
-                    threads=threads,
-                    min_run_time=args.min_run_time,
-                    rounds=args.rounds,
-                    idle_wait=args.idle_wait,
-                    busy=busy,
-                )
-                row = {
-                    "op": args.op,
-                    "shape": f"{rows}x{hidden}",
-                    "dtype": dtype_name(dtype),
-                    "api": api,
-                    "requires_grad": rg,
-                    "context": ctx,
-                    "threads": threads,
-                    "torch_us": t["torch"] * 1e6,
-                    "ours_us": t["ours"] * 1e6,
-                    "delta_us": (t["ours"] - t["torch"]) * 1e6,
-                    "speedup": t["torch"] / t["ours"],
-                    "other_load": busiest(busy),
-                }
-                printer.row(row)
-                results.append(row)
+        for api, rg, ctx in cases:
+            busy: list[float | None] = []
+            t = time_pair(
+                api,
+                rows,
+                hidden,
+                dtype,
+                rg,
+                ctx,
+                op=args.op,
+                threads=threads,
+                min_run_time=args.min_run_time,
+                rounds=args.rounds,
+                idle_wait=args.idle_wait,
+                busy=busy,
+            )
+            row = {
+                "op": args.op,
+                "shape": f"{rows}x{hidden}",
+                "dtype": dtype_name(dtype),
+                "api": api,
+                "requires_grad": rg,
+                "context": ctx,
+                "threads": threads,
+                "torch_us": t["torch"] * 1e6,
+                "ours_us": t["ours"] * 1e6,
+                "delta_us": (t["ours"] - t["torch"]) * 1e6,
+                "speedup": t["torch"] / t["ours"],
+                "other_load": busiest(busy),
+            }
+            printer.row(row)
+            results.append(row)
     note = clock.note((r["other_load"] for r in results), "rows")
     print(note)
     if not args.no_save:

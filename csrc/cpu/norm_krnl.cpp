@@ -731,9 +731,131 @@ struct BwdVec {
   }
 };
 
+// Short rows (at most kShortRowVectors vectors), R at a time. Each row gets exactly the
+// instructions of the one-row version (R = 1), so a row's result never depends on which rows
+// share a task; the R independent chains hide the latency of each row's reductions, and per
+// vector w is loaded, and the dγ / dβ partials read and written, once for all R rows (the rows
+// are added in row order, as row by row, so the partials are unchanged). Sums: one accumulator
+// pair per row (the row is at most kShortRowVectors vectors), the tail as a masked vector.
+template <int R, NormKind K, WMode kW, typename T, typename P, typename A = acc_t<T>>
+inline void bwd_short_rows(const BwdParams& p, const P* w, int64_t r0, A* dw_acc, A* db_acc) {
+  using V = Vec<A>;
+  constexpr int L = V::kSize;
+  constexpr bool kLN = K == NormKind::kLayerNorm;
+  const int64_t N = p.N;
+  const int64_t nfull = N / L;
+  const int tail = static_cast<int>(N % L);
+  const T* xr[R];
+  const T* dyr[R];
+  V vmean[R], vrstd[R], sg[R], sgx[R];
+  for (int k = 0; k < R; ++k) {
+    const int64_t r = r0 + k;
+    xr[k] = static_cast<const T*>(p.x) + r * p.x_stride;
+    dyr[k] = static_cast<const T*>(p.dy) + r * p.dy_stride;
+    vmean[k] = V::set1(kLN ? static_cast<const A*>(p.mean)[r] : A(0));
+    vrstd[k] = V::set1(static_cast<const A*>(p.rstd)[r]);
+    sg[k] = V::zero();
+    sgx[k] = V::zero();
+  }
+  auto load = [](const auto* ptr, int64_t i, int n) {
+    return n < 0 ? V::load(ptr + i) : V::load_partial(ptr + i, n);
+  };
+  // Stores a full (n < 0) or partial vector; nothing for a null destination.
+  auto store_any = [](const V& v, auto* ptr, int64_t i, int n) {
+    if (ptr == nullptr) return;
+    if (n < 0) {
+      v.store(ptr + i);
+    } else {
+      v.store_partial(ptr + i, n);
+    }
+  };
+  auto weight = [&](int64_t i, int n) {
+    if constexpr (kW != WMode::kNone) {
+      return effective_weight<kW>(load(w, i, n));
+    } else {
+      return V::zero();
+    }
+  };
+  auto xhat_of = [&](const V& xv, int k, int n) {
+    V xhat = kLN ? (xv - vmean[k]) * vrstd[k] : xv * vrstd[k];
+    if (n >= 0) xhat = xhat.first(n);
+    return xhat;
+  };
+  auto grad_of = [&](const V& dyv, const V& wv) {
+    if constexpr (kW != WMode::kNone) {
+      return V(dyv * wv);
+    } else {
+      return dyv;
+    }
+  };
+  // Pass 1: sum(g), sum(g * xhat), and the parameter-gradient partials.
+  auto pass1 = [&](int64_t i, int n) {
+    const V wv = weight(i, n);
+    V dw = dw_acc != nullptr ? load(dw_acc, i, n) : V::zero();
+    V db = db_acc != nullptr ? load(db_acc, i, n) : V::zero();
+    for (int k = 0; k < R; ++k) {
+      const V dyv = load(dyr[k], i, n);
+      const V xhat = xhat_of(load(xr[k], i, n), k, n);
+      const V g = grad_of(dyv, wv);
+      sg[k] = sg[k] + g;
+      sgx[k] = madd(g, xhat, sgx[k]);
+      dw = madd(dyv, xhat, dw);
+      db = db + dyv;
+    }
+    store_any(dw, dw_acc, i, n);
+    store_any(db, db_acc, i, n);
+  };
+  for (int64_t v = 0; v < nfull; ++v) pass1(v * L, -1);
+  if (tail > 0) pass1(nfull * L, tail);
+  if (p.dx == nullptr) {
+    return;
+  }
+  // Pass 2: dx = rstd * ((g - mean(g)) - xhat * mean(g * xhat)) (+ the residual's gradient).
+  const A inv_n = A(1) / static_cast<A>(N);
+  T* dxr[R];
+  const T* dresr[R];
+  V vmean_g[R], vneg_mean_gx[R];
+  for (int k = 0; k < R; ++k) {
+    const int64_t r = r0 + k;
+    dxr[k] = static_cast<T*>(p.dx) + r * p.dx_stride;
+    dresr[k] = p.grad_residual != nullptr
+                   ? static_cast<const T*>(p.grad_residual) + r * p.grad_residual_stride
+                   : nullptr;
+    vmean_g[k] = V::set1(kLN ? sg[k].sum() * inv_n : A(0));
+    vneg_mean_gx[k] = V::set1(-(sgx[k].sum() * inv_n));
+  }
+  auto pass2 = [&](int64_t i, int n) {
+    const V wv = weight(i, n);
+    // Every load of a step before its stores: rows are often a multiple of 4 KiB apart, and a
+    // load issued after a store to the same address modulo 4 KiB waits for it.
+    V xv[R], dyv[R];
+    for (int k = 0; k < R; ++k) {
+      xv[k] = load(xr[k], i, n);
+      dyv[k] = load(dyr[k], i, n);
+    }
+    for (int k = 0; k < R; ++k) {
+      const V xhat = xhat_of(xv[k], k, n);
+      const V g = grad_of(dyv[k], wv);
+      V dx = madd(xhat, vneg_mean_gx[k], g - vmean_g[k]) * vrstd[k];
+      if (dresr[k] != nullptr) dx = dx + load(dresr[k], i, n);
+      store_any(dx, dxr[k], i, n);
+    }
+  };
+  for (int64_t v = 0; v < nfull; ++v) pass2(v * L, -1);
+  if (tail > 0) pass2(nfull * L, tail);
+}
+
 template <NormKind K, WMode kW, typename T, typename P>
 void bwd_rows_impl(const BwdParams& p, const P* w, int64_t begin, int64_t end, acc_t<T>* dw_acc,
                    acc_t<T>* db_acc) {
+  if (is_short_row<acc_t<T>>(p.N)) {
+    constexpr int kGroup = 4;
+    int64_t r = begin;
+    for (; r + kGroup <= end; r += kGroup)
+      bwd_short_rows<kGroup, K, kW, T>(p, w, r, dw_acc, db_acc);
+    for (; r < end; ++r) bwd_short_rows<1, K, kW, T>(p, w, r, dw_acc, db_acc);
+    return;
+  }
   using A = acc_t<T>;
   using V = Vec<A>;
   using BV = BwdVec<K, kW, V, T, P>;
