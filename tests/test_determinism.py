@@ -95,3 +95,33 @@ def test_row_independence(isa, case, gen):
             both = fn(torch.cat([x, extra]), N, *args)
             assert_bitwise_equal(both[: len(x)], y, f"{label} LN(cat(x, y))[:len(x)]")
             assert_bitwise_equal(both[len(x) :], fn(extra, N, *args), f"{label} cat tail")
+
+
+@pytest.mark.parametrize("case", DTYPE_CASES, ids=DTYPE_IDS)
+def test_backward_row_independence(isa, case, gen):
+    """dx of a row does not depend on the rows processed with it: short rows go four at a time,
+    rows larger than L1 two at a time, the rest one by one (csrc/cpu/norm_krnl.cpp)."""
+    ext = torch.ops.layernorm_ext
+    for N in (64, 769, 4100):
+        M = 7
+        x = make_input((M, N), case.x, generator=gen)
+        dy = torch.randn(M, N, generator=gen).to(case.x)
+        w, b = make_params((N,), case.param, True, True, generator=gen)
+        label = f"[{isa} {case.id} N={N}]"
+        _, mean, rstd = ext.layer_norm_fwd(x, [N], w, b)
+        dx = ext.layer_norm_bwd(dy, x, [N], mean, rstd, w, b, False, [True, True, True])[0]
+        _, rstd_rms = ext.rms_norm_fwd(x, [N], w)
+        dx_rms = ext.rms_norm_bwd(dy, x, [N], rstd_rms, w, False, [True, True])[0]
+        for i in (0, 3, 6):
+            s = slice(i, i + 1)
+            one = ext.layer_norm_bwd(
+                dy[s], x[s], [N], mean[s], rstd[s], w, b, False, [True, False, False]
+            )[0]
+            assert_bitwise_equal(one, dx[s], f"{label} layer_norm row {i}")
+            one = ext.rms_norm_bwd(dy[s], x[s], [N], rstd_rms[s], w, False, [True, False])[0]
+            assert_bitwise_equal(one, dx_rms[s], f"{label} rms_norm row {i}")
+        for m in (2, 5):
+            got = ext.layer_norm_bwd(
+                dy[:m], x[:m], [N], mean[:m], rstd[:m], w, b, False, [True, False, False]
+            )[0]
+            assert_bitwise_equal(got, dx[:m], f"{label} layer_norm prefix {m}")
