@@ -131,7 +131,8 @@ std::optional<double> opt_float(PyObject* obj) {
   return obj == Py_None ? std::nullopt : std::optional<double>(PyFloat_AS_DOUBLE(obj));
 }
 
-PyObject* wrap_pair(std::tuple<at::Tensor, at::Tensor>&& pair) {
+PyObject* wrap(at::Tensor&& t) { return THPVariable_Wrap(std::move(t)); }
+PyObject* wrap(std::tuple<at::Tensor, at::Tensor>&& pair) {
   PyObject* first = THPVariable_Wrap(std::move(std::get<0>(pair)));
   if (first == nullptr) return nullptr;
   PyObject* second = THPVariable_Wrap(std::move(std::get<1>(pair)));
@@ -143,6 +144,31 @@ PyObject* wrap_pair(std::tuple<at::Tensor, at::Tensor>&& pair) {
   Py_DECREF(first);
   Py_DECREF(second);
   return pair_obj;
+}
+
+// A tensor argument the op writes into (schema Tensor(a!)).
+at::Tensor& written(PyObject* obj) { return const_cast<at::Tensor&>(THPVariable_Unpack(obj)); }
+
+// Runs the op with the GIL released (as torch's bindings do); returns its outputs wrapped.
+template <class Call>
+PyObject* run(Call&& call) {
+  decltype(call()) outputs;
+  {
+    GilRelease no_gil;
+    outputs = call();
+  }
+  return wrap(std::move(outputs));
+}
+
+// The same for the forms that write into an argument and return nothing: returns `result`.
+template <class Call>
+PyObject* run_into(PyObject* result, Call&& call) {
+  {
+    GilRelease no_gil;
+    call();
+  }
+  Py_INCREF(result);
+  return result;
 }
 
 // layer_norm(input, normalized_shape, weight, bias, eps, zero_centered_weight, out)
@@ -163,20 +189,14 @@ PyObject* layer_norm_entry(PyObject* /*module*/, PyObject* const* args, Py_ssize
   const double eps = PyFloat_AS_DOUBLE(args[4]);
   const bool zero_centered_weight = args[5] == Py_True;
   if (with_out) {
-    {
-      GilRelease no_gil;
+    return run_into(args[6], [&] {
       ops::layer_norm_out().call(input, shape, weight, bias, eps, zero_centered_weight,
-                                 const_cast<at::Tensor&>(THPVariable_Unpack(args[6])));
-    }
-    Py_INCREF(args[6]);
-    return args[6];
+                                 written(args[6]));
+    });
   }
-  at::Tensor out;
-  {
-    GilRelease no_gil;
-    out = ops::layer_norm().call(input, shape, weight, bias, eps, zero_centered_weight);
-  }
-  return THPVariable_Wrap(std::move(out));
+  return run([&] {
+    return ops::layer_norm().call(input, shape, weight, bias, eps, zero_centered_weight);
+  });
   END_HANDLE_TH_ERRORS
 }
 
@@ -198,20 +218,11 @@ PyObject* rms_norm_entry(PyObject* /*module*/, PyObject* const* args, Py_ssize_t
   const std::optional<double> eps = opt_float(args[3]);
   const bool zero_centered_weight = args[4] == Py_True;
   if (with_out) {
-    {
-      GilRelease no_gil;
-      ops::rms_norm_out().call(input, shape, weight, eps, zero_centered_weight,
-                               const_cast<at::Tensor&>(THPVariable_Unpack(args[5])));
-    }
-    Py_INCREF(args[5]);
-    return args[5];
+    return run_into(args[5], [&] {
+      ops::rms_norm_out().call(input, shape, weight, eps, zero_centered_weight, written(args[5]));
+    });
   }
-  at::Tensor out;
-  {
-    GilRelease no_gil;
-    out = ops::rms_norm().call(input, shape, weight, eps, zero_centered_weight);
-  }
-  return THPVariable_Wrap(std::move(out));
+  return run([&] { return ops::rms_norm().call(input, shape, weight, eps, zero_centered_weight); });
   END_HANDLE_TH_ERRORS
 }
 
@@ -235,22 +246,15 @@ PyObject* add_layer_norm_entry(PyObject* /*module*/, PyObject* const* args, Py_s
   const double eps = PyFloat_AS_DOUBLE(args[5]);
   const bool zero_centered_weight = args[6] == Py_True;
   if (inplace) {
-    {
-      GilRelease no_gil;
-      ops::add_layer_norm_inplace().call(
-          input, const_cast<at::Tensor&>(THPVariable_Unpack(args[1])), shape, weight, bias, eps,
-          zero_centered_weight, const_cast<at::Tensor&>(THPVariable_Unpack(args[7])));
-    }
-    Py_INCREF(args[7]);
-    return args[7];
+    return run_into(args[7], [&] {
+      ops::add_layer_norm_inplace().call(input, written(args[1]), shape, weight, bias, eps,
+                                         zero_centered_weight, written(args[7]));
+    });
   }
-  std::tuple<at::Tensor, at::Tensor> outs;
-  {
-    GilRelease no_gil;
-    outs = ops::add_layer_norm().call(input, THPVariable_Unpack(args[1]), shape, weight, bias, eps,
+  return run([&] {
+    return ops::add_layer_norm().call(input, THPVariable_Unpack(args[1]), shape, weight, bias, eps,
                                       zero_centered_weight);
-  }
-  return wrap_pair(std::move(outs));
+  });
   END_HANDLE_TH_ERRORS
 }
 
@@ -273,22 +277,15 @@ PyObject* add_rms_norm_entry(PyObject* /*module*/, PyObject* const* args, Py_ssi
   const std::optional<double> eps = opt_float(args[4]);
   const bool zero_centered_weight = args[5] == Py_True;
   if (inplace) {
-    {
-      GilRelease no_gil;
-      ops::add_rms_norm_inplace().call(input, const_cast<at::Tensor&>(THPVariable_Unpack(args[1])),
-                                       shape, weight, eps, zero_centered_weight,
-                                       const_cast<at::Tensor&>(THPVariable_Unpack(args[6])));
-    }
-    Py_INCREF(args[6]);
-    return args[6];
+    return run_into(args[6], [&] {
+      ops::add_rms_norm_inplace().call(input, written(args[1]), shape, weight, eps,
+                                       zero_centered_weight, written(args[6]));
+    });
   }
-  std::tuple<at::Tensor, at::Tensor> outs;
-  {
-    GilRelease no_gil;
-    outs = ops::add_rms_norm().call(input, THPVariable_Unpack(args[1]), shape, weight, eps,
+  return run([&] {
+    return ops::add_rms_norm().call(input, THPVariable_Unpack(args[1]), shape, weight, eps,
                                     zero_centered_weight);
-  }
-  return wrap_pair(std::move(outs));
+  });
   END_HANDLE_TH_ERRORS
 }
 
