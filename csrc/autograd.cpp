@@ -436,6 +436,10 @@ template <auto Op, class Written, class Sig = SignatureOf<Op>>
 struct Mutating;
 template <auto Op, size_t... Written, class... Args>
 struct Mutating<Op, std::index_sequence<Written...>, void(Args...)> {
+  static_assert((std::is_same_v<std::tuple_element_t<Written, std::tuple<Args...>>, at::Tensor&> &&
+                 ...),
+                "every position in Written must be a Tensor(a!) argument of the op");
+
   static void autograd(c10::DispatchKeySet ks, Args... args) {
     if (at::GradMode::is_enabled()) {
       TORCH_CHECK(!(requires_grad_arg(args) || ...), Op().schema().name(), ".",
