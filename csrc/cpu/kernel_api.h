@@ -53,6 +53,10 @@ struct FwdParams {
   // Write y with non-temporal stores (outputs far larger than the last-level cache). The caller
   // guarantees y and every row start y + r * y_stride are 64-byte aligned.
   bool stream_y = false;
+  // Software-prefetch the next rows of x (and residual) while applying the current ones: set for
+  // inputs far larger than L2. Short rows are read from memory only in their first pass; without
+  // it memory sits idle during the two passes that run from L1.
+  bool prefetch_x = false;
 };
 
 // Backward over rows [begin, end): dx for each row, and the per-column partial sums of

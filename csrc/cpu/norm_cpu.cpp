@@ -27,11 +27,16 @@ int64_t row_grain(int64_t N) {
   return std::max<int64_t>(1, kGrainElements / std::max<int64_t>(N, 1));
 }
 
-// The last-level cache one core can use (Linux sysfs, e.g. "32768K"), or 0 when unknown.
+// Cache sizes one core can use, from Linux sysfs (e.g. "32768K"); 0 when unknown.
 // (glibc's sysconf(_SC_LEVEL3_CACHE_SIZE) reports 320 MiB in this project's 2-vCPU VM, whose
 // core sits on a 32 MiB L3 slice: it counts the whole socket.)
-int64_t last_level_cache_bytes() {
-  int64_t best = 0;
+struct CacheSizes {
+  int64_t l2 = 0;          // the level-2 cache
+  int64_t last_level = 0;  // the largest cache of level >= 2
+};
+
+CacheSizes read_cache_sizes() {
+  CacheSizes c;
   for (int index = 0; index < 8; ++index) {
     const std::string dir = "/sys/devices/system/cpu/cpu0/cache/index" + std::to_string(index);
     std::ifstream size_file(dir + "/size");
@@ -45,9 +50,15 @@ int64_t last_level_cache_bytes() {
     size_file >> unit;
     if (unit == 'K') size <<= 10;
     if (unit == 'M') size <<= 20;
-    if (level >= 2) best = std::max(best, size);
+    if (level == 2) c.l2 = std::max(c.l2, size);
+    if (level >= 2) c.last_level = std::max(c.last_level, size);
   }
-  return best;
+  return c;
+}
+
+const CacheSizes& cache_sizes() {
+  static const CacheSizes sizes = read_cache_sizes();
+  return sizes;
 }
 
 // Outputs at least as large as the last-level cache (32 MiB if unknown, or if smaller) are
@@ -55,7 +66,7 @@ int64_t last_level_cache_bytes() {
 // read-for-ownership of every destination line (a third of the memory traffic of a
 // normalisation). Smaller outputs stay in cache for their reader.
 int64_t streaming_threshold_bytes() {
-  static const int64_t bytes = std::max<int64_t>(last_level_cache_bytes(), int64_t{32} << 20);
+  static const int64_t bytes = std::max<int64_t>(cache_sizes().last_level, int64_t{32} << 20);
   return bytes;
 }
 
@@ -69,6 +80,15 @@ bool use_streaming_stores(const FwdProblem& p) {
   const auto addr = reinterpret_cast<std::uintptr_t>(p.y.const_data_ptr());
   return p.M * p.N * item >= streaming_threshold_bytes() && addr % 64 == 0 &&
          (p.y_stride * item) % 64 == 0;
+}
+
+// Inputs that cannot stay in the cores' L2 across calls come from L3 or DRAM: the kernels then
+// prefetch each next group of rows during the current group's apply pass. (In-cache inputs skip
+// it: there it is only extra load-port work.)
+bool use_prefetch(const FwdProblem& p) {
+  const int64_t bytes = p.M * p.N * static_cast<int64_t>(p.x.element_size());
+  const int64_t l2 = cache_sizes().l2 > 0 ? cache_sizes().l2 : int64_t{1} << 20;
+  return bytes > 2 * l2;
 }
 
 void launch_forward_cpu(const FwdProblem& p) {
@@ -94,6 +114,7 @@ void launch_forward_cpu(const FwdProblem& p) {
   k.eps = p.eps;
   k.zero_centered_weight = p.zero_centered_weight;
   k.stream_y = use_streaming_stores(p);
+  k.prefetch_x = use_prefetch(p);
   const cpu::FwdRowsFn fn = cpu::active_table().fwd[static_cast<int>(p.kind)][p.combo];
   at::parallel_for(0, p.M, row_grain(p.N), [&](int64_t begin, int64_t end) { fn(k, begin, end); });
 }
