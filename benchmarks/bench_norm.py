@@ -45,6 +45,7 @@ from common import (
     dtype_name,
     gbps,
     measure,
+    median,
     norm_bytes,
     parse_dtypes,
     save_table,
@@ -79,12 +80,57 @@ class Config:
     max_run_time: float = 1.0
     seed: int = 0
     idle_wait: float = 0.0  # > 0: wait for other processes to go quiet (see common.measure)
+    # The implementations of a cell are measured in turn, `rounds` times over, each for 1/rounds
+    # of the run time, and each reports its median over the rounds. A shared VM drifts between
+    # speed phases lasting seconds (the same cell measured 88 and 563 µs in two runs); measured
+    # one after the other, whichever implementation ran during a slow phase lost. In turn, a
+    # phase hits all of them alike and the ratios hold.
+    rounds: int = 3
 
     def run_times(self, act_bytes: int) -> tuple[float, float]:
-        """(min, max) run time for a cell whose activation tensor has ``act_bytes`` bytes."""
-        if act_bytes >= BIG_CELL_BYTES:
-            return self.min_run_time / 4, self.max_run_time / 4
-        return self.min_run_time, self.max_run_time
+        """(min, max) run time of one round for a cell whose activation has ``act_bytes`` bytes."""
+        scale = max(1, self.rounds) * (4 if act_bytes >= BIG_CELL_BYTES else 1)
+        return self.min_run_time / scale, self.max_run_time / scale
+
+    @property
+    def min_samples(self) -> int:
+        """Samples per round (at least four over all rounds)."""
+        return max(2, -(-4 // max(1, self.rounds)))
+
+
+def measure_in_turn(
+    stmts: dict[str, tuple[str, dict[str, Any]]],
+    cfg: Config,
+    act_bytes: int,
+    *,
+    threads: int,
+    busy: list[float | None] | None,
+    fresh_y: Sequence[str] = (),
+) -> dict[str, float]:
+    """Median seconds per call of each ``kind: (stmt, env)``, measured in turn for cfg.rounds.
+
+    Kinds in ``fresh_y`` get a new output tensor ``y`` (like ``x``) in their env for each round.
+    """
+    lo, hi = cfg.run_times(act_bytes)
+    samples: dict[str, list[float]] = {kind: [] for kind in stmts}
+    for _ in range(max(1, cfg.rounds)):
+        for kind, (stmt, env) in stmts.items():
+            if kind in fresh_y:
+                env["y"] = torch.empty_like(env["x"])
+            samples[kind].append(
+                measure(
+                    stmt,
+                    env,
+                    threads=threads,
+                    min_run_time=lo,
+                    max_run_time=hi,
+                    min_samples=cfg.min_samples,
+                    idle_wait=cfg.idle_wait,
+                    busy=busy,
+                )
+            )
+            env.pop("y", None)
+    return {kind: median(ts) for kind, ts in samples.items()}
 
 
 @dataclass
@@ -144,21 +190,14 @@ def time_forward(
         "ours_out": f"ours({args}, out=y)",
         "copy": "y.copy_(x)",
     }
-    lo, hi = cfg.run_times(inp.x.numel() * inp.x.element_size())
-    out: dict[str, float] = {}
-    for kind in kinds:
-        env["y"] = torch.empty_like(inp.x) if kind in ("ours_out", "copy") else None
-        out[kind] = measure(
-            stmts[kind],
-            env,
-            threads=threads,
-            min_run_time=lo,
-            max_run_time=hi,
-            idle_wait=cfg.idle_wait,
-            busy=busy,
-        )
-        env["y"] = None
-    return out
+    return measure_in_turn(
+        {kind: (stmts[kind], env) for kind in kinds},
+        cfg,
+        inp.x.numel() * inp.x.element_size(),
+        threads=threads,
+        busy=busy,
+        fresh_y=("ours_out", "copy"),
+    )
 
 
 def time_backward(
@@ -177,9 +216,8 @@ def time_backward(
     g = torch.Generator(device=cfg.device).manual_seed(cfg.seed + 7)
     dy = torch.randn(inp.x.shape, generator=g, device=cfg.device, dtype=inp.x.dtype)
     x, shape, w, b, eps = inp.x, list(inp.shape), inp.weight, inp.bias, cfg.eps
-    lo, hi = cfg.run_times(x.numel() * x.element_size())
-    out: dict[str, float] = {}
     ext = torch.ops.layernorm_ext
+    stmts: dict[str, tuple[str, dict[str, Any]]] = {}
     for kind in kinds:
         if cfg.op == "layer_norm" and kind == "ours_bwd":
             _, mean, rstd = ext.layer_norm_fwd(x, shape, w, b, eps)
@@ -201,17 +239,8 @@ def time_backward(
                 y = F.rms_norm(xg, shape, wg, eps)
             env = dict(grad=torch.autograd.grad, y=y, inputs=(xg, wg), dy=dy)
             stmt = "grad(y, inputs, dy, retain_graph=True)"
-        out[kind] = measure(
-            stmt,
-            env,
-            threads=threads,
-            min_run_time=lo,
-            max_run_time=hi,
-            idle_wait=cfg.idle_wait,
-            busy=busy,
-        )
-        del env
-    return out
+        stmts[kind] = (stmt, env)
+    return measure_in_turn(stmts, cfg, x.numel() * x.element_size(), threads=threads, busy=busy)
 
 
 def derive(row: dict[str, Any], cfg: Config, dtype: torch.dtype) -> dict[str, Any]:
