@@ -25,13 +25,13 @@ import sys
 
 import torch
 import torch.nn.functional as F
+from bench_norm import Config, measure_in_turn
 from common import (
     Column,
     RunClock,
     TablePrinter,
     describe_machine,
     dtype_name,
-    measure,
     median,
     parse_dtypes,
     save_table,
@@ -114,6 +114,13 @@ def main(argv: list[str] | None = None) -> int:
     clock = RunClock()
     busy: list[float | None] = []
     rows_out = []
+    # Timing as in bench_norm: the implementations of a cell in turn, over several rounds.
+    cfg = Config(
+        threads=args.threads,
+        min_run_time=args.min_run_time,
+        max_run_time=args.max_run_time,
+        idle_wait=args.idle_wait,
+    )
     printer.header()
     for norm in args.norms:
         stmts = statements(norm)
@@ -122,17 +129,14 @@ def main(argv: list[str] | None = None) -> int:
                 for hidden in args.hidden:
                     env = cell_env(rows, hidden, dtype)
                     cell_busy: list[float | None] = []
-                    timing = {}
-                    for name, stmt in (*stmts.items(), ("copy", "y.copy_(x); r2.copy_(r)")):
-                        timing[name] = measure(
-                            stmt,
-                            env,
-                            threads=args.threads,
-                            min_run_time=args.min_run_time,
-                            max_run_time=args.max_run_time,
-                            idle_wait=args.idle_wait,
-                            busy=cell_busy,
-                        )
+                    kinds = {**stmts, "copy": "y.copy_(x); r2.copy_(r)"}
+                    timing = measure_in_turn(
+                        {name: (stmt, env) for name, stmt in kinds.items()},
+                        cfg,
+                        env["x"].numel() * env["x"].element_size(),
+                        threads=args.threads,
+                        busy=cell_busy,
+                    )
                     busy += cell_busy
                     row = {
                         "norm": norm,
