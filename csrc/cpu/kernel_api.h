@@ -54,8 +54,8 @@ struct FwdParams {
   // guarantees y and every row start y + r * y_stride are 64-byte aligned.
   bool stream_y = false;
   // Software-prefetch the next rows of x (and residual) while applying the current ones: set for
-  // inputs far larger than L2. Short rows are read from memory only in their first pass; without
-  // it memory sits idle during the two passes that run from L1.
+  // inputs larger than twice the L2. Short rows are read from memory only in their first pass;
+  // without it memory sits idle during the two passes that run from L1.
   bool prefetch_x = false;
 };
 

@@ -717,6 +717,9 @@ void fwd_rows_impl(const FwdParams& p, const P* w, const P* b, int64_t begin, in
       const P* bj = kB ? b + j : nullptr;
       for (int k = 0; k < g; ++k) {
         const RowState& st = rows[k];
+        if (st.done) {
+          continue;
+        }
         // Short rows: while row k is applied, row k of the next group is fetched into L2, so
         // the next statistics pass finds it there. (Long rows are left to the hardware
         // prefetcher: their statistics pass streams far enough ahead, and prefetching a whole
@@ -725,9 +728,6 @@ void fwd_rows_impl(const FwdParams& p, const P* w, const P* b, int64_t begin, in
         const bool pf = short_rows && p.prefetch_x && next < end;
         const T* pf_x = pf ? x + next * p.x_stride + j : nullptr;
         const T* pf_res = pf && res != nullptr ? res + next * p.residual_stride + j : nullptr;
-        if (st.done) {
-          continue;
-        }
         if (widen) {
           apply_row<K, kW, kB, kStream>(wide[k] + j, wj, bj, st.y + j, len, st.shift, st.mean,
                                         st.rstd, pf_x, pf_res);
