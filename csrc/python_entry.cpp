@@ -9,8 +9,11 @@
 //                               zero_centered_weight, out)
 //
 // out=None selects the op returning fresh outputs; a tensor selects the form writing into it
-// (layer_norm.out, rms_norm.out, add_*_norm_inplace), and the entry returns it. They call the same
-// dispatcher op as torch.ops.layernorm_ext.<op>.default (so autograd,
+// (layer_norm.out, rms_norm.out, add_*_norm_inplace), and the entry returns it. For add_*_norm,
+// out=... (Ellipsis) selects the in-place form writing into a fresh contiguous tensor like input,
+// allocated here (torch.empty_like from Python cost ~1 us per call); off the lean path that form
+// returns NotImplemented, and the caller allocates the tensor itself. They call the same dispatcher
+// op as torch.ops.layernorm_ext.<op>.default (so autograd,
 // __torch_dispatch__ modes, profiling and tracing all apply), but parse their arguments directly
 // instead of through the OpOverload's generic binding (schema-driven IValue conversion, a stack,
 // boxed dispatch), which costs ~1.5 us per call: at (1, 768) more than the kernel. Whatever the
@@ -228,23 +231,33 @@ PyObject* rms_norm_entry(PyObject* /*module*/, PyObject* const* args, Py_ssize_t
 
 // add_layer_norm(input, residual, normalized_shape, weight, bias, eps, zero_centered_weight,
 // out): out None gives (out, residual_out); a tensor out selects the in-place form (residual
-// += input, the norm into out) and returns out.
+// += input, the norm into out) and returns out; out=... the in-place form into a fresh tensor.
 PyObject* add_layer_norm_entry(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
   static OpRef op{"add_layer_norm", "default"};
   static OpRef op_inplace{"add_layer_norm_inplace", "default"};
   const bool inplace = nargs == 8 && args[7] != Py_None;
+  const bool fresh_out = inplace && args[7] == Py_Ellipsis;
   OptTensor weight, bias;
   c10::SmallVector<c10::SymInt, 4> shape;
   if (!lean_ok(nargs, 8, args[0]) || !plain_tensor(args[1]) || !int_list(args[2], shape) ||
       !tensor_or_none(args[3], weight) || !tensor_or_none(args[4], bias) || !float_arg(args[5]) ||
-      !PyBool_Check(args[6]) || (inplace && !plain_tensor(args[7]))) {
+      !PyBool_Check(args[6]) || (inplace && !fresh_out && !plain_tensor(args[7]))) {
+    if (fresh_out) Py_RETURN_NOTIMPLEMENTED;
     return inplace ? fallback(op_inplace, args, nargs, 6, true)
                    : fallback(op, args, std::min<Py_ssize_t>(nargs, 7), 6, false);
   }
   const at::Tensor& input = THPVariable_Unpack(args[0]);
   const double eps = PyFloat_AS_DOUBLE(args[5]);
   const bool zero_centered_weight = args[6] == Py_True;
+  if (fresh_out) {
+    return run([&] {
+      at::Tensor out = at::empty_like(input, at::MemoryFormat::Contiguous);
+      ops::add_layer_norm_inplace().call(input, written(args[1]), shape, weight, bias, eps,
+                                         zero_centered_weight, out);
+      return out;
+    });
+  }
   if (inplace) {
     return run_into(args[7], [&] {
       ops::add_layer_norm_inplace().call(input, written(args[1]), shape, weight, bias, eps,
@@ -265,17 +278,27 @@ PyObject* add_rms_norm_entry(PyObject* /*module*/, PyObject* const* args, Py_ssi
   static OpRef op{"add_rms_norm", "default"};
   static OpRef op_inplace{"add_rms_norm_inplace", "default"};
   const bool inplace = nargs == 7 && args[6] != Py_None;
+  const bool fresh_out = inplace && args[6] == Py_Ellipsis;
   OptTensor weight;
   c10::SmallVector<c10::SymInt, 4> shape;
   if (!lean_ok(nargs, 7, args[0]) || !plain_tensor(args[1]) || !int_list(args[2], shape) ||
       !tensor_or_none(args[3], weight) || !float_or_none(args[4]) || !PyBool_Check(args[5]) ||
-      (inplace && !plain_tensor(args[6]))) {
+      (inplace && !fresh_out && !plain_tensor(args[6]))) {
+    if (fresh_out) Py_RETURN_NOTIMPLEMENTED;
     return inplace ? fallback(op_inplace, args, nargs, 5, true)
                    : fallback(op, args, std::min<Py_ssize_t>(nargs, 6), 5, false);
   }
   const at::Tensor& input = THPVariable_Unpack(args[0]);
   const std::optional<double> eps = opt_float(args[4]);
   const bool zero_centered_weight = args[5] == Py_True;
+  if (fresh_out) {
+    return run([&] {
+      at::Tensor out = at::empty_like(input, at::MemoryFormat::Contiguous);
+      ops::add_rms_norm_inplace().call(input, written(args[1]), shape, weight, eps,
+                                       zero_centered_weight, out);
+      return out;
+    });
+  }
   if (inplace) {
     return run_into(args[6], [&] {
       ops::add_rms_norm_inplace().call(input, written(args[1]), shape, weight, eps,

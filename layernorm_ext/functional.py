@@ -147,6 +147,14 @@ def add_layer_norm(
     """
     shape = (normalized_shape,) if isinstance(normalized_shape, int) else normalized_shape
     if inplace:
+        if not _is_compiling():
+            # out=...: the entry allocates the output (NotImplemented: allocate it here).
+            y = _add_layer_norm_fast(
+                input, residual, shape, weight, bias, eps, zero_centered_weight,
+                ... if out is None else out,
+            )  # fmt: skip
+            if y is not NotImplemented:
+                return y, residual
         if out is None:
             out = torch.empty_like(input, memory_format=torch.contiguous_format)
         if not _is_compiling():
@@ -187,6 +195,14 @@ def add_rms_norm(
     """
     shape = (normalized_shape,) if isinstance(normalized_shape, int) else normalized_shape
     if inplace:
+        if not _is_compiling():
+            # out=...: the entry allocates the output (NotImplemented: allocate it here).
+            y = _add_rms_norm_fast(
+                input, residual, shape, weight, eps, zero_centered_weight,
+                ... if out is None else out,
+            )  # fmt: skip
+            if y is not NotImplemented:
+                return y, residual
         if out is None:
             out = torch.empty_like(input, memory_format=torch.contiguous_format)
         if not _is_compiling():

@@ -72,8 +72,20 @@ def test_inplace_forms_update_residual_and_out(isa, fn):
         expected = L.rms_norm(s, 300, w)
         call = lambda inp, res, out: L.add_rms_norm(inp, res, 300, w, inplace=True, out=out)  # noqa: E731
     res = r.clone()
+    x_before = x.clone()
     out, res_out = call(x, res, None)
     assert res_out is res and torch.equal(res, s) and torch.equal(out, expected)
+    # without out=, the norm goes to a fresh contiguous tensor (allocated by the C++ entry), even
+    # for a non-contiguous input, which is left as it was
+    assert out.data_ptr() not in (x.data_ptr(), res.data_ptr()) and torch.equal(x, x_before)
+    x_nc = torch.zeros(6, 600, dtype=torch.bfloat16)[:, 1::2]
+    x_nc.copy_(x)
+    res = r.clone()
+    out, _ = call(x_nc, res, None)
+    assert out.is_contiguous() and out.shape == x.shape and out.dtype == x.dtype
+    assert torch.equal(out, expected) and torch.equal(res, s) and torch.equal(x_nc, x)
+    with pytest.raises((RuntimeError, TypeError)):
+        call(x, r.clone(), True)  # out must be a tensor
     # out aliasing the input (vLLM-style decode step): input overwritten with the norm
     inp, res = x.clone(), r.clone()
     out, _ = call(inp, res, inp)
