@@ -117,10 +117,11 @@ struct RowMoments {
 // With kSave (fp16 / bf16 storage), the first pass also stores x - shift, widened to fp32, in
 // save[k], and the second pass and the caller's apply pass read that copy: the widening (one or
 // two instructions per vector) and the shift are done once instead of three times. Both are
-// exact or identical, so the results are bitwise those of re-reading x. Measured (harness,
-// bf16, 1 thread): storing x - shift rather than x took 768 from 11.6 to 10.5 cycles per
-// vector and 1024 from 11.6 to 10.6; the same buffer for fp32 rows (a store per vector to save
-// two subtractions) measured 7-20% slower, so fp32 rows are re-read.
+// exact or identical, so the results are bitwise those of re-reading x. save[k] holds whole
+// vectors, ceil(N / L) of them. Measured (harness, bf16, 1 thread): storing x - shift rather
+// than x took 768 from 11.6 to 10.5 cycles per vector and 1024 from 11.6 to 10.6; the same
+// buffer for fp32 rows (a store per vector to save two subtractions) measured 7-20% slower, so
+// fp32 rows are re-read.
 template <int R, bool kSave, typename T, typename A = acc_t<T>>
 inline void moments_short(const T* const* xs, int64_t N, RowMoments<A>* out,
                           A* const* save = nullptr) {
@@ -157,7 +158,8 @@ inline void moments_short(const T* const* xs, int64_t N, RowMoments<A>* out,
   if (tail > 0) {
     for (int k = 0; k < R; ++k) {
       const V d = V::load_partial(xs[k] + nfull * L, tail) - vshift[k];
-      if constexpr (kSave) d.store_partial(save[k] + nfull * L, tail);
+      // Stored whole (the padded row has room): see fwd_rows_impl.
+      if constexpr (kSave) d.store(save[k] + nfull * L);
       s1[k] = s1[k] + d.first(tail);
     }
   }
@@ -194,7 +196,7 @@ inline void moments_short(const T* const* xs, int64_t N, RowMoments<A>* out,
     for (int k = 0; k < R; ++k) {
       V a;
       if constexpr (kSave) {
-        a = V::load_partial(save[k] + nfull * L, tail);
+        a = V::load(save[k] + nfull * L);
       } else {
         a = V::load_partial(xs[k] + nfull * L, tail) - vshift[k];
       }
@@ -524,8 +526,10 @@ inline void apply_row(const X* x, const P* w, const P* b, T* y, int64_t N, A shi
   }
   const int tail = static_cast<int>(N - i);
   if (tail > 0) {
-    apply_vec<K, kW, kB, kShifted, V, T>(V::load_partial(x + i, tail), w, b, i, tail, vshift, vmean,
-                                         vrstd)
+    // A saved row's last vector was stored whole (moments_short): it is re-read whole, which
+    // store forwarding serves, and its extra lanes are never stored.
+    apply_vec<K, kW, kB, kShifted, V, T>(kShifted ? V::load(x + i) : V::load_partial(x + i, tail),
+                                         w, b, i, tail, vshift, vmean, vrstd)
         .store_partial(y + i, tail);
   }
 }
@@ -647,13 +651,16 @@ void fwd_rows_impl(const FwdParams& p, const P* w, const P* b, int64_t begin, in
   // LayerNorm on 16-bit short rows: the rows are widened once, in the statistics pass, into
   // these L1-resident rows (padded by one vector so that the four rows do not share L1 sets at
   // 4 KiB strides), and the two later passes read them. Measured (harness, bf16): 768 wide
-  // 13.4 -> 12.0 cycles per vector. Below kWidenMinVectors the reloads follow the (masked)
-  // stores too closely to be forwarded, and it measured slower (50 fp16: 28 -> 48); RMSNorm,
-  // which re-reads a row only once, gains nothing.
+  // 13.4 -> 12.0 cycles per vector. The partial last vector is saved and re-read whole (its
+  // extra lanes are masked off where it is used): a masked store followed closely by a reload
+  // is not forwarded, which made short rows slower (50 fp16: 28 -> 48 cycles). With whole
+  // stores, rows from 6 vectors gain (bf16 100: 20.9 -> 19.1, 128: 17.3 -> 15.7; fp16 200:
+  // 15.2 -> 13.8); below, they did not (fp16 50: 29.0 -> 30.2). RMSNorm, which re-reads a row
+  // only once, gains nothing.
   // Only with 16 lanes (AVX-512): on the 8-lane AVX2 path the saving did not show, and fp16,
   // whose widening is one instruction, measured 5-13% slower.
   constexpr bool kWiden = !std::is_same_v<T, A> && K == NormKind::kLayerNorm && Vec<A>::kSize >= 16;
-  constexpr int64_t kWidenMinVectors = 16;
+  constexpr int64_t kWidenMinVectors = 6;
   constexpr int64_t kWideStride = int64_t{kShortRowVectors + 1} * Vec<A>::kSize;
   alignas(64) A wide_rows[kWiden ? kShortGroup : 1][kWiden ? kWideStride : 1];
   A* wide[kShortGroup];
