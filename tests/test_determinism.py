@@ -125,3 +125,47 @@ def test_backward_row_independence(isa, case, gen):
                 dy[:m], x[:m], [N], mean[:m], rstd[:m], w, b, False, [True, False, False]
             )[0]
             assert_bitwise_equal(got, dx[:m], f"{label} layer_norm prefix {m}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_large_inputs_match_small_batches(isa, dtype, gen):
+    """Inputs well beyond L2 take other loop orders: the forward prefetches the next rows (and
+    RMSNorm runs its short rows one by one), the backward runs its short rows one by one instead
+    of four at a time (norm_cpu.cpp). y and dx of every row are still bitwise those of a small
+    batch, and dγ / dβ match a float64 reference."""
+    ext = torch.ops.layernorm_ext
+    N, M = 128, 65536  # x and dy of 16-32 MiB each: far beyond any L2 this runs on
+    x = torch.randn(M, N, generator=gen).to(dtype)
+    dy = torch.randn(M, N, generator=gen).to(dtype)
+    w = torch.randn(N, generator=gen).to(dtype)
+    b = torch.randn(N, generator=gen).to(dtype)
+    _, mean, rstd = ext.layer_norm_fwd(x, [N], w, b)
+    dx, dw, db = ext.layer_norm_bwd(dy, x, [N], mean, rstd, w, b, False, [True, True, True])
+    _, rstd_rms = ext.rms_norm_fwd(x, [N], w)
+    dx_rms, dw_rms = ext.rms_norm_bwd(dy, x, [N], rstd_rms, w, False, [True, True])
+    y, y_rms = ext.layer_norm(x, [N], w, b), ext.rms_norm(x, [N], w)
+    N2, M2 = 512, 16384  # RMSNorm rows of 1 KiB or more (bf16) go one by one
+    x2 = torch.randn(M2, N2, generator=gen).to(dtype)
+    w2 = torch.randn(N2, generator=gen).to(dtype)
+    y2 = ext.rms_norm(x2, [N2], w2)
+    for start in (0, 4, 10001, M2 - 8):
+        s = slice(start, start + 8)
+        assert_bitwise_equal(ext.layer_norm(x[s], [N], w, b), y[s], f"[{isa}] layer_norm fwd")
+        assert_bitwise_equal(ext.rms_norm(x[s], [N], w), y_rms[s], f"[{isa}] rms_norm fwd")
+        assert_bitwise_equal(ext.rms_norm(x2[s], [N2], w2), y2[s], f"[{isa}] rms_norm fwd N=512")
+    for start in (0, 4, 30001, M - 8):
+        s = slice(start, start + 8)
+        small = ext.layer_norm_bwd(
+            dy[s], x[s], [N], mean[s], rstd[s], w, b, False, [True, False, False]
+        )[0]
+        assert_bitwise_equal(small, dx[s], f"[{isa}] layer_norm rows {start}..")
+        small = ext.rms_norm_bwd(dy[s], x[s], [N], rstd_rms[s], w, False, [True, False])[0]
+        assert_bitwise_equal(small, dx_rms[s], f"[{isa}] rms_norm rows {start}..")
+    # parameter gradients against float64, from the saved statistics
+    x64, dy64 = x.double(), dy.double()
+    xhat = (x64 - mean.double().reshape(M, 1)) * rstd.double().reshape(M, 1)
+    xhat_rms = x64 * rstd_rms.double().reshape(M, 1)
+    tol = {"rtol": 1e-4, "atol": 1e-3} if dtype == torch.float32 else {"rtol": 1e-2, "atol": 1e-1}
+    torch.testing.assert_close(dw.double(), (dy64 * xhat).sum(0), **tol)
+    torch.testing.assert_close(db.double(), dy64.sum(0), **tol)
+    torch.testing.assert_close(dw_rms.double(), (dy64 * xhat_rms).sum(0), **tol)

@@ -76,6 +76,9 @@ struct BwdParams {
   int64_t grad_residual_stride = 0;
   int64_t N = 0;
   bool zero_centered_weight = false;
+  // Short rows one at a time rather than four interleaved: set for inputs that come from
+  // beyond the cores' L2 (see norm_cpu.cpp). Results do not depend on it.
+  bool short_rows_one_by_one = false;
 };
 
 using FwdRowsFn = void (*)(const FwdParams& p, int64_t begin, int64_t end);

@@ -638,7 +638,17 @@ void fwd_rows_impl(const FwdParams& p, const P* w, const P* b, int64_t begin, in
   const A eps = static_cast<A>(p.eps);
   const T* res = static_cast<const T*>(p.residual);
   T* res_out = static_cast<T*>(p.residual_out);
-  const int group = row_group_size<K, kW, kB, T, P>(N);
+  // RMSNorm's short rows of at least 1 KiB from beyond L2 (p.prefetch_x) go one by one: there
+  // the four interleaved rows' streams measured slower (harness, 1 thread, cycles per 16
+  // elements: fp32 16384 x 1024 22.1 -> 16.3-17.5, 32768 x 512 22.5 -> 17.1; bf16 16384 x 1024
+  // 14.3-15.7 -> 10.8-11.9, fp16 16384 x 768 12.4-12.7 -> 9.9-10.7). Shorter rows need the
+  // interleave to hide each row's dependent chain (bf16 65536 x 256: 12.7 -> 15.6 one by one).
+  // LayerNorm's two statistics passes gain more from the interleave than they lose (bf16
+  // 16384 x 1024: 14.6 four at a time, 17.8 one by one).
+  const int group = K == NormKind::kRMSNorm && p.prefetch_x && is_short_row<A>(N) &&
+                            N * int64_t{sizeof(T)} >= 1024
+                        ? 1
+                        : row_group_size<K, kW, kB, T, P>(N);
 
   struct RowState {
     const T* x;
@@ -1037,10 +1047,17 @@ template <NormKind K, WMode kW, typename T, typename P>
 void bwd_rows_impl(const BwdParams& p, const P* w, int64_t begin, int64_t end, acc_t<T>* dw_acc,
                    acc_t<T>* db_acc) {
   if (is_short_bwd_row<acc_t<T>>(p.N)) {
+    // Four rows interleaved share the loads of w and of the parameter-gradient partials, which
+    // pays while x and dy come from L2. From beyond it, the four interleaved streams per tensor
+    // defeated the hardware prefetcher: one thread, N = 128 fp32, x of 8 MiB took 2349 us four
+    // at a time, 1427 us one by one (4 MiB: 1239 vs 523; ATen ~1000 us at 8 MiB). Software
+    // prefetch of the next four rows recovered only a fifth of that.
     constexpr int kGroup = 4;
     int64_t r = begin;
-    for (; r + kGroup <= end; r += kGroup)
-      bwd_short_rows<kGroup, K, kW, T>(p, w, r, dw_acc, db_acc);
+    if (!p.short_rows_one_by_one) {
+      for (; r + kGroup <= end; r += kGroup)
+        bwd_short_rows<kGroup, K, kW, T>(p, w, r, dw_acc, db_acc);
+    }
     for (; r < end; ++r) bwd_short_rows<1, K, kW, T>(p, w, r, dw_acc, db_acc);
     return;
   }
