@@ -97,6 +97,17 @@ def test_row_independence(isa, case, gen):
             assert_bitwise_equal(both[len(x) :], fn(extra, N, *args), f"{label} cat tail")
 
 
+def _assert_bwd_rows_match(s, label, dy, x, w, b, stats, dx, dx_rms):
+    """dx of rows s, computed on their own, is bitwise dx[s] / dx_rms[s] of the whole batch."""
+    ext = torch.ops.layernorm_ext
+    mean, rstd, rstd_rms = stats
+    N = x.shape[-1]
+    one = ext.layer_norm_bwd(dy[s], x[s], [N], mean[s], rstd[s], w, b, False, [True, False, False])
+    assert_bitwise_equal(one[0], dx[s], f"{label} layer_norm")
+    one = ext.rms_norm_bwd(dy[s], x[s], [N], rstd_rms[s], w, False, [True, False])
+    assert_bitwise_equal(one[0], dx_rms[s], f"{label} rms_norm")
+
+
 @pytest.mark.parametrize("case", DTYPE_CASES, ids=DTYPE_IDS)
 def test_backward_row_independence(isa, case, gen):
     """dx of a row does not depend on the rows processed with it: short rows go four at a time,
@@ -112,14 +123,11 @@ def test_backward_row_independence(isa, case, gen):
         dx = ext.layer_norm_bwd(dy, x, [N], mean, rstd, w, b, False, [True, True, True])[0]
         _, rstd_rms = ext.rms_norm_fwd(x, [N], w)
         dx_rms = ext.rms_norm_bwd(dy, x, [N], rstd_rms, w, False, [True, True])[0]
+        stats = (mean, rstd, rstd_rms)
         for i in (0, 3, 6):
-            s = slice(i, i + 1)
-            one = ext.layer_norm_bwd(
-                dy[s], x[s], [N], mean[s], rstd[s], w, b, False, [True, False, False]
-            )[0]
-            assert_bitwise_equal(one, dx[s], f"{label} layer_norm row {i}")
-            one = ext.rms_norm_bwd(dy[s], x[s], [N], rstd_rms[s], w, False, [True, False])[0]
-            assert_bitwise_equal(one, dx_rms[s], f"{label} rms_norm row {i}")
+            _assert_bwd_rows_match(
+                slice(i, i + 1), f"{label} row {i}", dy, x, w, b, stats, dx, dx_rms
+            )
         for m in (2, 5):
             got = ext.layer_norm_bwd(
                 dy[:m], x[:m], [N], mean[:m], rstd[:m], w, b, False, [True, False, False]
@@ -153,14 +161,10 @@ def test_large_inputs_match_small_batches(isa, dtype, gen):
         assert_bitwise_equal(ext.layer_norm(x[s], [N], w, b), y[s], f"[{isa}] layer_norm fwd")
         assert_bitwise_equal(ext.rms_norm(x[s], [N], w), y_rms[s], f"[{isa}] rms_norm fwd")
         assert_bitwise_equal(ext.rms_norm(x2[s], [N2], w2), y2[s], f"[{isa}] rms_norm fwd N=512")
+    stats = (mean, rstd, rstd_rms)
     for start in (0, 4, 30001, M - 8):
         s = slice(start, start + 8)
-        small = ext.layer_norm_bwd(
-            dy[s], x[s], [N], mean[s], rstd[s], w, b, False, [True, False, False]
-        )[0]
-        assert_bitwise_equal(small, dx[s], f"[{isa}] layer_norm rows {start}..")
-        small = ext.rms_norm_bwd(dy[s], x[s], [N], rstd_rms[s], w, False, [True, False])[0]
-        assert_bitwise_equal(small, dx_rms[s], f"[{isa}] rms_norm rows {start}..")
+        _assert_bwd_rows_match(s, f"[{isa}] rows {start}..", dy, x, w, b, stats, dx, dx_rms)
     # parameter gradients against float64, from the saved statistics
     x64, dy64 = x.double(), dy.double()
     xhat = (x64 - mean.double().reshape(M, 1)) * rstd.double().reshape(M, 1)
