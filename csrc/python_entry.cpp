@@ -24,6 +24,7 @@
 // OpOverload.
 
 #include <ATen/PythonTorchFunctionTLS.h>
+#include <ATen/ops/empty_like.h>
 #include <Python.h>
 #include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/python_variable.h>
