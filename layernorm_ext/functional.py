@@ -148,7 +148,8 @@ def add_layer_norm(
     shape = (normalized_shape,) if isinstance(normalized_shape, int) else normalized_shape
     if inplace:
         if not _is_compiling():
-            # out=...: the entry allocates the output (NotImplemented: allocate it here).
+            # out=...: the entry allocates the output. NotImplemented: it left the argument
+            # (e.g. a Tensor subclass) to the op, which gets a tensor allocated here.
             y = _add_layer_norm_fast(
                 input, residual, shape, weight, bias, eps, zero_centered_weight,
                 ... if out is None else out,
@@ -157,14 +158,9 @@ def add_layer_norm(
                 return y, residual
         if out is None:
             out = torch.empty_like(input, memory_format=torch.contiguous_format)
-        if not _is_compiling():
-            _add_layer_norm_fast(
-                input, residual, shape, weight, bias, eps, zero_centered_weight, out
-            )
-            return out, residual
         _ops.add_layer_norm_inplace(
             input, residual, shape, weight, bias, eps,
-            zero_centered_weight=zero_centered_weight, out=out,
+            zero_centered_weight=bool(zero_centered_weight), out=out,
         )  # fmt: skip
         return out, residual
     if out is not None:
@@ -196,7 +192,8 @@ def add_rms_norm(
     shape = (normalized_shape,) if isinstance(normalized_shape, int) else normalized_shape
     if inplace:
         if not _is_compiling():
-            # out=...: the entry allocates the output (NotImplemented: allocate it here).
+            # out=...: the entry allocates the output. NotImplemented: it left the argument
+            # (e.g. a Tensor subclass) to the op, which gets a tensor allocated here.
             y = _add_rms_norm_fast(
                 input, residual, shape, weight, eps, zero_centered_weight,
                 ... if out is None else out,
@@ -205,12 +202,9 @@ def add_rms_norm(
                 return y, residual
         if out is None:
             out = torch.empty_like(input, memory_format=torch.contiguous_format)
-        if not _is_compiling():
-            _add_rms_norm_fast(input, residual, shape, weight, eps, zero_centered_weight, out)
-            return out, residual
         _ops.add_rms_norm_inplace(
             input, residual, shape, weight, eps,
-            zero_centered_weight=zero_centered_weight, out=out,
+            zero_centered_weight=bool(zero_centered_weight), out=out,
         )  # fmt: skip
         return out, residual
     if out is not None:

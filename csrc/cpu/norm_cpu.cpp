@@ -82,11 +82,11 @@ bool use_streaming_stores(const FwdProblem& p) {
          (p.y_stride * item) % 64 == 0;
 }
 
+int64_t l2_bytes() { return cache_sizes().l2 > 0 ? cache_sizes().l2 : int64_t{1} << 20; }
+
 // Inputs that cannot stay in the cores' L2 across calls come from L3 or DRAM: the kernels then
 // prefetch each next group of rows during the current group's apply pass. (In-cache inputs skip
 // it: there it is only extra load-port work.)
-int64_t l2_bytes() { return cache_sizes().l2 > 0 ? cache_sizes().l2 : int64_t{1} << 20; }
-
 bool use_prefetch(const FwdProblem& p) {
   const int64_t bytes = p.M * p.N * static_cast<int64_t>(p.x.element_size());
   return bytes > 2 * l2_bytes();
