@@ -1,10 +1,10 @@
 """Small CUDA workload for compute-sanitizer (memcheck / initcheck / racecheck / synccheck).
 
-Runs forward and backward of every op over shapes at the tier boundaries, each dtype combination,
-misaligned and strided inputs and empty rows, on tensors allocated at their exact size (run with
-PYTORCH_NO_CUDA_MEMORY_CACHING=1 so that every tensor is its own allocation and any access past
-its end is reported). Values are checked loosely against PyTorch too, so that a silent wrong
-result fails the run even where the sanitizer sees nothing.
+Runs forward and backward of every op (the fused residual-add forms included) over shapes at the
+tier boundaries, each dtype combination, misaligned and strided inputs and empty rows, on tensors
+allocated at their exact size (run with PYTORCH_NO_CUDA_MEMORY_CACHING=1 so that every tensor is
+its own allocation and any access past its end is reported). Values are checked loosely against
+PyTorch too, so that a silent wrong result fails the run even where the sanitizer sees nothing.
 
     PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck --error-exitcode 1 \\
         python benchmarks/gpu_sanitize.py
@@ -28,7 +28,8 @@ DT = [
     (torch.float64, torch.float64),
 ]
 # Forward tier edges (warp / block / sweep, cached / uncached) and backward edges.
-FULL_N = [1, 7, 33, 256, 257, 512, 513, 1024, 1025, 4097, 8192, 8193, 16385, 131073]
+FULL_N = [1, 7, 33, 100, 256, 257, 512, 513, 1000, 1024, 1025, 4097, 4100, 8192, 8193, 16385]
+FULL_N += [20000, 131073]
 SMALL_N = [7, 513, 4097, 16385]
 
 
@@ -59,6 +60,18 @@ def run_case(n: int, m: int, x_dtype, p_dtype, offset: int, strided: bool) -> No
     _, rstd_r = ops.rms_norm_fwd(x, [n], w, 1e-6, zero_centered_weight=True)
     ops.rms_norm_bwd(dy, x, [n], rstd_r, w, True, [True, True])
     ops.rms_norm_fwd(x, [n], None, None)
+    # Fused residual add: forward (fresh and in place, out aliasing the input too) and the
+    # backward with grad_residual, on exact-size residual / grad_residual buffers.
+    r = exact((m, n + 3), x_dtype)[:, :n] if strided else exact((m, n), x_dtype, offset)
+    _, s, mean_a, rstd_a = ops.add_layer_norm_fwd(x, r, [n], w, b, 1e-5)
+    ops.layer_norm_bwd(dy, s, [n], mean_a, rstd_a, w, b, False, [True, True, True], dy)
+    _, s_r, rstd_ar = ops.add_rms_norm_fwd(x, r, [n], w, 1e-6)
+    ops.rms_norm_bwd(dy, s_r, [n], rstd_ar, w, False, [True, True], dy)
+    if not strided:
+        res = exact((m, n), x_dtype, offset)
+        ops.add_layer_norm_inplace(x, res, [n], w, b, 1e-5, out=out)
+        inp = exact((m, n), x_dtype, offset)
+        ops.add_rms_norm_inplace(inp, res, [n], w, 1e-6, out=inp)
     ref = F.layer_norm(x.float(), (n,), w.float(), b.float(), 1e-5)
     err = (y.float() - ref).abs().max().item() if y.numel() else 0.0
     if not err <= 0.1:

@@ -286,7 +286,7 @@ cuda::BwdKernelSet bwd_kernels(Norm kind, int combo, WMode wmode) {
 
 void launch_forward_cuda(const FwdProblem& p) {
   if (p.M == 0 || p.N == 0) {
-    return;  // prepare_forward already gave empty rows NaN statistics
+    return;  // prepare_forward already gave empty rows their statistics (mean 0, rstd 1/sqrt(eps))
   }
   const c10::cuda::OptionalCUDAGuard guard(p.x.device());
   const int device = p.x.get_device();
