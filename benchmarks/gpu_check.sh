@@ -2,6 +2,8 @@
 # One-command GPU check of the CUDA kernels, for a machine with an NVIDIA GPU, PyTorch and nvcc
 # (no internet needed; nothing is installed):
 #   1. builds the extension in place for this GPU's architecture only (all cores, ninja);
+#   1b. runs every op on the CPU kernels of each ISA (benchmarks/cpu_smoke.py; a crash gets a
+#      native backtrace);
 #   2. runs the CUDA tests (tests/test_cuda.py, tests/test_cuda_registration.py) and the opt-in
 #      > 2^31-element test;
 #   3. runs compute-sanitizer memcheck on a small workload (benchmarks/gpu_sanitize.py) with
@@ -68,6 +70,9 @@ step() {
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null || true
   "$PY" -c "import sys, torch; print('python', sys.version.split()[0]); print('torch', torch.__version__, 'cuda', torch.version.cuda); print('device', torch.cuda.get_device_name(0), 'sm', torch.cuda.get_device_capability())"
   (command -v nvcc >/dev/null && nvcc --version || "${CUDA_HOME:-/usr/local/cuda}/bin/nvcc" --version) | tail -2
+  cxx="${CXX:-$("$PY" -c "import sysconfig; print((sysconfig.get_config_var('CXX') or 'c++').split()[0])")}"
+  echo "host compiler: $cxx: $("$cxx" --version | head -1)"
+  lscpu | grep -E "^(Model name|CPU\(s\)|L2 cache|L3 cache)" || true
   echo "arch list: $ARCH, jobs: $JOBS"
   "$PY" -c "from torch.utils.cpp_extension import is_ninja_available as f; print('ninja:', f())"
   git rev-parse HEAD 2>/dev/null && git status --short | head -20
@@ -89,10 +94,18 @@ if [ $FAILED -eq 0 ]; then
 fi
 
 if [ $FAILED -eq 0 ]; then
+  # 1b. The CPU kernels on this machine's CPU and compiler (another CPU vendor and compiler than
+  #     CI's), before and after CUDA initialisation; a crash is re-run under a debugger.
+  step "cpu smoke (every CPU ISA)" cpu_smoke.log 300 "$PY" benchmarks/cpu_smoke.py || FAILED=1
   # 2. Tests.
+  # In one pytest-xdist worker where xdist is installed: the tests still run one at a time, and
+  # a test that crashes the process is reported as failed while the rest go on in a new worker.
+  XDIST=()
+  if "$PY" -c "import xdist" 2>/dev/null; then XDIST=(-n 1); fi
   step "tests: test_cuda + registration" tests.log 480 env LAYERNORM_EXT_EXPECT_CUDA=1 \
     "$PY" -m pytest tests/test_cuda.py tests/test_cuda_registration.py -q -p no:cacheprovider \
-    --tb=line -rf --maxfail=400 --durations=15 --junitxml="$OUT/tests.xml" || FAILED=1
+    "${XDIST[@]}" --tb=line -rf --maxfail=400 --durations=15 --junitxml="$OUT/tests.xml" ||
+    FAILED=1
   step "tests: > 2^31 elements (huge)" tests_huge.log 240 \
     "$PY" -m pytest tests/test_cuda.py -q -p no:cacheprovider --tb=short -m huge || FAILED=1
 
