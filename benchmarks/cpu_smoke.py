@@ -67,9 +67,11 @@ def child(cuda_first: bool) -> int:
 
 
 def debugger() -> list[str] | None:
-    for name in ("cuda-gdb", "gdb"):
-        path = shutil.which(name)
-        if path:
+    """A batch-mode debugger command line that runs a program and prints where it stopped."""
+    cuda_home = os.environ.get("CUDA_HOME") or "/usr/local/cuda"
+    candidates = [shutil.which("cuda-gdb"), f"{cuda_home}/bin/cuda-gdb", shutil.which("gdb")]
+    for path in candidates:
+        if path and os.access(path, os.X_OK):
             return [
                 path,
                 "-batch",
