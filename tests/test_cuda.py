@@ -1256,7 +1256,8 @@ def test_fused_add_cuda_graph_transformer_block(d: int) -> None:
 
     # Replays and eager runs all go on the capture stream, one after another: the replays use the
     # cuBLAS workspace of that stream, so an eager run on it concurrent with a replay elsewhere
-    # would share the workspace mid-flight (seen on an H100: illegal memory access).
+    # would share the workspace mid-flight. (An H100 run of the unordered version ended in an
+    # illegal memory access; alone under CUDA_LAUNCH_BLOCKING=1 it passed.)
     stream.wait_stream(torch.cuda.current_stream())
     for i in range(3):
         with torch.cuda.stream(stream):
