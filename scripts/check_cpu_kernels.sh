@@ -37,6 +37,7 @@ case "$mode" in
     run=(valgrind -q --error-exitcode=3)
     tables="scalar,avx2"
     max_n=8
+    max_long=4100
     ;;
   *) echo "usage: $0 [asan|valgrind]" >&2; exit 2 ;;
 esac
@@ -59,5 +60,5 @@ run_tables=scalar
 [[ $flags == *" avx512bw "* && $tables == *avx512* ]] && run_tables+=",avx512"
 [[ $flags == *" avx512_bf16 "* && $tables == *avx512_bf16* ]] && run_tables+=",avx512_bf16"
 echo "== running: $run_tables"
-"${run[@]}" "$work/kernel_driver" "$run_tables" "${max_n:-140}"
+"${run[@]}" "$work/kernel_driver" "$run_tables" "${max_n:-140}" "${max_long:-20000}"
 echo "== $mode: clean"

@@ -8,7 +8,9 @@
 // is reported. Results are not checked here (the Python test suite does that): only that the
 // kernels touch nothing else and execute no undefined behaviour.
 //
-//   kernel_driver [tables] [max_n]     tables: comma-separated, default all; max_n: default 140
+//   kernel_driver [tables] [max_n] [max_long]
+//     tables: comma-separated, default all; every N <= max_n (default 140), then the boundary
+//     sizes above it up to max_long (default 20000)
 
 #include <immintrin.h>
 
@@ -166,12 +168,13 @@ int64_t run_case(const KernelTable& t, int kind, int combo, int64_t M, int64_t N
 int main(int argc, char** argv) {
   const std::string which = argc > 1 ? argv[1] : "scalar,avx2,avx512,avx512_bf16";
   const int64_t max_n = argc > 2 ? std::atol(argv[2]) : 140;
+  const int64_t max_long = argc > 3 ? std::atol(argv[3]) : 20000;
   std::vector<int64_t> sizes;
   for (int64_t n = 1; n <= max_n; ++n) sizes.push_back(n);
   // Vector, short-row, widening, L1-group, apply-tile and chunk boundaries beyond max_n.
   for (int64_t n : {191,  255,  256,  257,  511,  512,  513,  767,  768,  769,
                     1000, 1023, 1024, 1025, 2047, 2049, 4095, 4100, 8193, 20000}) {
-    if (n > max_n) sizes.push_back(n);
+    if (n > max_n && n <= max_long) sizes.push_back(n);
   }
   const int64_t row_counts[] = {1, 2, 3, 4, 5, 9, 17};
   for (const Table& table : kTables) {
