@@ -7,7 +7,7 @@
 #                                                # the scalar and AVX2 kernels (valgrind does not
 #                                                # decode AVX-512), production flags (-O3)
 # Exit status 0 when the checker reports nothing. Not part of CI: on 2 cores the sanitizer build
-# of the four kernel objects takes ~15-20 min and its run ~15 min; the valgrind run ~1 h. Run it
+# of the four kernel objects takes ~15-20 min and its run ~15 min; the valgrind run ~20 min. Run it
 # after changing the kernels, and on a machine whose CPU or compiler differs from CI's.
 set -euo pipefail
 cd "$(dirname "$0")/.."
