@@ -36,6 +36,11 @@ def child(cuda_first: bool) -> int:
         torch.cuda.synchronize()
     print(f"cpu kernels: {torch.ops.layernorm_ext.cpu_capability()}", flush=True)
     worst = 0.0
+
+    def compare(got: torch.Tensor, ref: torch.Tensor) -> None:
+        nonlocal worst
+        worst = max(worst, float((got.double() - ref).abs().max()))
+
     for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
         for m, n in ((17, 100), (5, 7), (3, 768), (9, 4100), (2, 20000)):
             g = torch.Generator().manual_seed(m * 100003 + n)
@@ -48,17 +53,15 @@ def child(cuda_first: bool) -> int:
             leaves = [t.clone().requires_grad_() for t in (x, w, b)]
             y = layernorm_ext.layer_norm(leaves[0], (n,), leaves[1], leaves[2])
             y.backward(dy)
-            ref = F.layer_norm(x.double(), (n,), w.double(), b.double())
-            worst = max(worst, float((y.double() - ref).abs().max()))
-            yr = layernorm_ext.rms_norm(x, (n,), w, 1e-6)
-            ref_r = F.rms_norm(x.double(), (n,), w.double(), 1e-6)
-            worst = max(worst, float((yr.double() - ref_r).abs().max()))
+            w64, b64 = w.double(), b.double()
+            compare(y, F.layer_norm(x.double(), (n,), w64, b64))
+            compare(
+                layernorm_ext.rms_norm(x, (n,), w, 1e-6), F.rms_norm(x.double(), (n,), w64, 1e-6)
+            )
             out, s = layernorm_ext.add_layer_norm(x, r, (n,), w, b)
-            ref_a = F.layer_norm(s.double(), (n,), w.double(), b.double())
-            worst = max(worst, float((out.double() - ref_a).abs().max()))
-            out_r, s_r = layernorm_ext.add_rms_norm(x, r, (n,), w, 1e-6)
-            ref_ar = F.rms_norm(s_r.double(), (n,), w.double(), 1e-6)
-            worst = max(worst, float((out_r.double() - ref_ar).abs().max()))
+            compare(out, F.layer_norm(s.double(), (n,), w64, b64))
+            out, s = layernorm_ext.add_rms_norm(x, r, (n,), w, 1e-6)
+            compare(out, F.rms_norm(s.double(), (n,), w64, 1e-6))
             leaves_r = [t.clone().requires_grad_() for t in (x, w)]
             layernorm_ext.rms_norm(leaves_r[0], (n,), leaves_r[1], 1e-6).backward(dy)
     print(f"max abs error vs fp64 PyTorch: {worst:.3e}", flush=True)

@@ -15,14 +15,17 @@ mode="${1:-asan}"
 cxx="${CXX:-g++}"
 work="${WORK:-$(mktemp -d)}"
 mkdir -p "$work"
-avx512=(-mavx512f -mavx512bw -mavx512vl -mavx512dq -mavx2 -mfma -mf16c -Wno-uninitialized)
+py="${PYTHON:-python3}"
+# The per-ISA flags of the real build: setup.py's AVX512_FLAGS / ISA_FLAGS (not a copy of them).
 isa_flags() {
-  case "$1" in
-    scalar) ;;
-    avx2) echo "-mavx2 -mfma -mf16c" ;;
-    avx512) echo "${avx512[*]}" ;;
-    avx512_bf16) echo "${avx512[*]} -mavx512bf16" ;;
-  esac
+  "$py" - "$1" <<'PY'
+import ast, sys
+env = {}
+for node in ast.parse(open("setup.py").read()).body:
+    if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", "") in ("AVX512_FLAGS", "ISA_FLAGS"):
+        exec(compile(ast.Module([node], []), "setup.py", "exec"), env)
+print(" ".join(env["ISA_FLAGS"][sys.argv[1]]))
+PY
 }
 common=(-std=c++17 -g -ffp-contract=off -fno-math-errno -Wall -Wno-maybe-uninitialized)
 case "$mode" in

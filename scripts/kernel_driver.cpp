@@ -37,7 +37,7 @@ size_t param_size(int combo) { return combo == 0 || combo >= 4 ? 4 : combo == 1 
 size_t acc_size(int combo) { return combo == 1 ? 8 : 4; }
 bool is_bf16(int combo) { return combo == 3 || combo == 5; }
 
-// A heap buffer of exactly `bytes` bytes (none for 0), filled with random values of `elem` bytes.
+// A heap buffer of exactly `count` values of `elem` bytes (none for 0), filled with random values.
 class Buffer {
  public:
   Buffer(size_t count, size_t elem, bool bf16) : p_(count ? std::malloc(count * elem) : nullptr) {
