@@ -26,6 +26,7 @@ from norm_testing import (
     ISAS,
     assert_bitwise_equal,
     assert_close_to_ref,
+    bitwise_equal,
     check_result,
     dx_tol,
     fwd_tol,
@@ -253,6 +254,52 @@ def test_f3_catalogue_rows(isa, case, op, gen):
         assert bool(((r_out - rstd).abs() <= 1e3 * U_ACC[case.x] * rstd).all()), (
             f"{label}: rstd {r_out} vs {rstd}"
         )
+
+
+# --- F3b: the 16-bit forward's one-pass statistics ------------------------------------------------
+
+
+def _offset_rows(N: int, offsets, dtype, gen) -> torch.Tensor:
+    """Standard-normal rows (rounded to ``dtype``) whose first element, the kernels' shift, is
+    set to ``offsets[r]`` standard deviations from the row's mean: below 2 the 16-bit forward
+    keeps its one-pass variance Σd² − Σd·mean(d), above 2 it must take the exact second pass."""
+    x = torch.randn(len(offsets), N, generator=gen, dtype=torch.float64)
+    x[:, 1:] -= x[:, 1:].mean(dim=1, keepdim=True)
+    x[:, 1:] /= x[:, 1:].std(dim=1, unbiased=False, keepdim=True)
+    x[:, 0] = torch.tensor(offsets, dtype=torch.float64)
+    return x.to(dtype)
+
+
+@pytest.mark.parametrize("N", [100, 768, 1024, 1040, 4096, 5000])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_f3_one_pass_statistics_stay_exact(isa, dtype, N, gen):
+    """fp16 / bf16 rows get their variance in one pass where that cannot cancel, and by the
+    exact second pass where it could (the shift, the row's first element, far from the mean).
+    Either way the saved mean and rstd stay within a few fp32 ulps of the float64 moments of the
+    stored values, and y within the usual tolerance: a one-pass variance kept for the 30-sigma
+    row would be off by ~1e-4. Short widened rows (N ≤ 1024 on AVX-512) and long rows both."""
+    offsets = [0.0, 0.5, -1.5, 1.9, 2.1, -3.0, 8.0, -30.0, 200.0]
+    x = _offset_rows(N, offsets, dtype, gen)
+    shifted = 1000 + x.double()  # a large common offset: the shift removes it exactly
+    for rows in (x, shifted.to(dtype)):
+        M = rows.shape[0]
+        w, b = make_params((N,), dtype, True, True, generator=gen)
+        with use_isa(isa):
+            y, mean, rstd = LN.stats(rows, N, w, b)
+        xd = rows.double()
+        ref_mean = xd.mean(dim=1)
+        ref_var = xd.var(dim=1, unbiased=False)
+        ref_rstd = 1 / torch.sqrt(ref_var + 1e-5)
+        label = f"[{isa} {_dt(dtype)} N={N}]"
+        u = U_ACC[torch.float32]
+        # The mean is accumulated on x - x0: its error scales with the row's spread.
+        spread = (xd - ref_mean[:, None]).abs().amax(dim=1)
+        mean_err = (mean.double().flatten() - ref_mean).abs() / (ref_mean.abs() + spread)
+        rstd_err = (rstd.double().flatten() - ref_rstd).abs() / ref_rstd
+        assert float(mean_err.max()) <= 8 * u, f"{label} mean errors {mean_err.tolist()}"
+        assert float(rstd_err.max()) <= 32 * u, f"{label} rstd errors {rstd_err.tolist()}"
+        ref_y = (xd - ref_mean[:, None]) * ref_rstd[:, None] * w.double() + b.double()
+        check_result(y, ref_y.reshape(M, N), fwd_tol(dtype), f"{label} y")
 
 
 # --- F5: near-constant rows -----------------------------------------------------------------------
@@ -799,13 +846,28 @@ LOW_CASES = [c for c in DTYPE_CASES if c.x in (torch.float16, torch.bfloat16)]
 LOW_IDS = [c.id for c in LOW_CASES]
 
 
+def _close_to_rounded(actual, fp32, tol, what):
+    """``actual`` against the fp32 result: the same inf / NaN lanes as that result rounded to
+    ``actual``'s dtype, the finite lanes within ``tol`` of it."""
+    rounded = fp32.to(actual.dtype)
+    finite = torch.isfinite(rounded)
+    assert bitwise_equal(actual[~finite], rounded[~finite]), f"{what}: non-finite lanes differ"
+    check_result(actual[finite], fp32[finite].double(), tol, what)
+
+
 @pytest.mark.parametrize("op", OPS, ids=OP_IDS)
 @pytest.mark.parametrize("case", LOW_CASES, ids=LOW_IDS)
 def test_f16_low_precision_is_fp32_rounded_once(isa, case, op, gen):
-    """fp16 / bf16 input (with fp16 / bf16 or fp32 parameters) computes in fp32 and rounds once:
-    y, dx, dγ and dβ are bitwise the fp32 computation on the upcast tensors, rounded to the
-    output dtype. The fp32 parameters carry values fp16 cannot hold (1 + 2^-12, 1e5: γ·x̂
-    overflows fp16 to inf, exactly as the rounded fp32 result does)."""
+    """fp16 / bf16 input (with fp16 / bf16 or fp32 parameters) computes in fp32 and rounds once.
+    The fp32 parameters carry values fp16 cannot hold (1 + 2^-12, 1e5: γ·x̂ overflows fp16 to
+    inf, exactly as the rounded fp32 result does).
+
+    RMSNorm, and every backward given the same statistics, are bitwise the fp32 computation on
+    the upcast tensors, rounded to the output dtype. LayerNorm's 16-bit rows take their variance
+    in one pass where that cannot cancel (F3b checks those statistics against float64), while
+    fp32 rows keep two-pass / Welford: its forward, and its backward through autograd (which
+    uses the forward's statistics), are checked against the fp32 result within the dtype's
+    tolerance, with the same inf / NaN lanes."""
     for N in (1, 7, 64, 1000):
         M = 9
         x = make_input((M, N), case.x, generator=gen)
@@ -814,13 +876,28 @@ def test_f16_low_precision_is_fp32_rounded_once(isa, case, op, gen):
             w[0], w[1] = 1 + 2**-12, 1e5
         dy = torch.randn(M, N, generator=gen).to(case.x)
         for zcw in (False, True):
-            got = op.run(x, N, w, b, dy, zcw=zcw)
-            up = op.run(x.float(), N, w.float(), b.float(), dy.float(), zcw=zcw)
             what = f"[{isa} {case.id} {op} N={N} zcw={zcw}]"
-            targets = (case.x, case.x, case.param, case.param)
-            for name, g, u, t in zip(("y", "dx", "dw", "db"), got, up, targets, strict=True):
-                if g is not None:
+            up = op.run(x.float(), N, w.float(), b.float(), dy.float(), zcw=zcw)
+            if not op.is_ln:
+                got = op.run(x, N, w, b, dy, zcw=zcw)
+                targets = (case.x, case.x, case.param)
+                for name, g, u, t in zip(("y", "dx", "dw"), got[:3], up[:3], targets, strict=True):
                     assert_bitwise_equal(g, u.to(t), f"{what} {name} vs fp32 rounded once")
+                continue
+            got = op.run(x, N, w, b, dy, zcw=zcw)
+            _close_to_rounded(got[0], up[0], fwd_tol(case.x), f"{what} y")
+            _close_to_rounded(got[1], up[1], dx_tol(case.x), f"{what} dx (autograd)")
+            # The backward on the fp32 path's statistics: bitwise.
+            _, mean, rstd = ops.layer_norm_fwd(
+                x.float(), [N], w.float(), b.float(), 1e-5, zero_centered_weight=zcw
+            )
+            grads = ops.layer_norm_bwd(dy, x, [N], mean, rstd, w, b, zcw, [True, True, True])
+            grads_up = ops.layer_norm_bwd(
+                dy.float(), x.float(), [N], mean, rstd, w.float(), b.float(), zcw, [True] * 3
+            )
+            targets = (case.x, case.param, case.param)
+            for name, g, u, t in zip(("dx", "dw", "db"), grads, grads_up, targets, strict=True):
+                assert_bitwise_equal(g, u.to(t), f"{what} {name} vs fp32 rounded once")
 
 
 # --- F17: hidden sizes ----------------------------------------------------------------------------

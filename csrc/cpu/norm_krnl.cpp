@@ -9,7 +9,9 @@
 //  * statistics in the accumulation type A (fp32, or fp64 for fp64 input);
 //  * LayerNorm moments by Welford in L SIMD lanes over chunks of kChunk vectors, chunk results
 //    merged by a binary-counter cascade of Chan merges (error ~log N, not ~N), lanes merged in a
-//    fixed pairwise tree, the scalar tail (N mod L) merged last;
+//    fixed pairwise tree, the scalar tail (N mod L) merged last; short rows by the exact
+//    two-pass algorithm; fp16 / bf16 rows by a one-pass variance wherever it cannot cancel
+//    (moments_short, moments_long_fwd), the exact algorithms elsewhere;
 //  * RMSNorm's sum of squares uses the same chunk / cascade / lane-tree blocking;
 //  * y = ((x - mean) * rstd) * w + b: never folded into x * scale + shift, so a constant row and
 //    N == 1 give exactly b;
@@ -105,6 +107,36 @@ struct RowMoments {
   A var;
 };
 
+// Exact population variance of a saved row (x - shift widened to A, ceil(N / L) whole vectors)
+// about its mean: the second pass of the two-pass algorithm, for the rows whose one-pass
+// variance would cancel (moments_short).
+template <typename A>
+[[gnu::noinline]] A saved_variance(const A* save, int64_t N, A mean) {
+  using V = Vec<A>;
+  constexpr int L = V::kSize;
+  const int64_t nfull = N / L;
+  const int tail = static_cast<int>(N % L);
+  const V vcenter = V::set1(mean);
+  V s0 = V::zero();
+  V s1 = V::zero();
+  int64_t v = 0;
+  for (; v + 2 <= nfull; v += 2) {
+    const V d0 = V::load(save + v * L) - vcenter;
+    const V d1 = V::load(save + (v + 1) * L) - vcenter;
+    s0 = madd(d0, d0, s0);
+    s1 = madd(d1, d1, s1);
+  }
+  if (v < nfull) {
+    const V d = V::load(save + v * L) - vcenter;
+    s0 = madd(d, d, s0);
+  }
+  if (tail > 0) {
+    const V d = (V::load(save + nfull * L) - vcenter).first(tail);
+    s1 = madd(d, d, s1);
+  }
+  return welford_variance((s0 + s1).sum(), N);
+}
+
 // Short rows: the exact two-pass algorithm (sum, then sum of squared deviations), the row being
 // re-read from registers / L1. A masked partial vector covers the tail, so there is no scalar
 // loop and the tail is computed exactly like the body.
@@ -115,13 +147,15 @@ struct RowMoments {
 // depends on R, i.e. on which rows share a task.
 //
 // With kSave (fp16 / bf16 storage), the first pass also stores x - shift, widened to fp32, in
-// save[k], and the second pass and the caller's apply pass read that copy: the widening (one or
-// two instructions per vector) and the shift are done once instead of three times. Both are
-// exact or identical, so the results are bitwise those of re-reading x. save[k] holds whole
-// vectors, ceil(N / L) of them. Measured (harness, bf16, 1 thread): storing x - shift rather
-// than x took 768 from 11.6 to 10.5 cycles per vector and 1024 from 11.6 to 10.6; the same
-// buffer for fp32 rows (a store per vector to save two subtractions) measured 7-20% slower, so
-// fp32 rows are re-read.
+// save[k], and sums its squares: the variance then comes from that one pass where it cannot
+// cancel, else from an exact second pass over the saved copy (saved_variance). The caller's
+// apply pass reads the copy too, so the widening (one or two instructions per vector) and the
+// shift are done once. save[k] holds whole vectors, ceil(N / L) of them. Measured (harness,
+// 1 thread, cycles per vector): storing x - shift rather than x took bf16 768 from 11.6 to 10.5
+// and 1024 from 11.6 to 10.6; the one-pass variance bf16 768 10.6 -> 9.7, fp16 1024 10.9 -> 9.6.
+// The same buffer for fp32 rows (a store per vector to save two subtractions) measured 7-20%
+// slower, so fp32 rows are re-read, and keep the two-pass variance (their output would see the
+// one-pass error).
 template <int R, bool kSave, typename T, typename A = acc_t<T>>
 inline void moments_short(const T* const* xs, int64_t N, RowMoments<A>* out,
                           A* const* save = nullptr) {
@@ -140,71 +174,94 @@ inline void moments_short(const T* const* xs, int64_t N, RowMoments<A>* out,
     s0[k] = V::zero();
     s1[k] = V::zero();
   }
-  auto first = [&](int k, int64_t v) {
+  // With kSave, the squares of x - shift are summed in the same pass (q0 / q1), for the
+  // one-pass variance below.
+  V q0[R];
+  V q1[R];
+  for (int k = 0; k < R; ++k) {
+    q0[k] = V::zero();
+    q1[k] = V::zero();
+  }
+  auto first = [&](int k, int64_t v, V& s, V& q) {
     const V d = V::load(xs[k] + v * L) - vshift[k];
-    if constexpr (kSave) d.store(save[k] + v * L);
-    return d;
+    s = s + d;
+    if constexpr (kSave) {
+      d.store(save[k] + v * L);
+      q = madd(d, d, q);
+    }
   };
   int64_t v = 0;
   for (; v + 2 <= nfull; v += 2) {
     for (int k = 0; k < R; ++k) {
-      s0[k] = s0[k] + first(k, v);
-      s1[k] = s1[k] + first(k, v + 1);
+      first(k, v, s0[k], q0[k]);
+      first(k, v + 1, s1[k], q1[k]);
     }
   }
   if (v < nfull) {
-    for (int k = 0; k < R; ++k) s0[k] = s0[k] + first(k, v);
+    for (int k = 0; k < R; ++k) first(k, v, s0[k], q0[k]);
   }
   if (tail > 0) {
     for (int k = 0; k < R; ++k) {
       const V d = V::load_partial(xs[k] + nfull * L, tail) - vshift[k];
       // Stored whole (the padded row has room): see fwd_rows_impl.
       if constexpr (kSave) d.store(save[k] + nfull * L);
-      s1[k] = s1[k] + d.first(tail);
+      const V dt = d.first(tail);
+      s1[k] = s1[k] + dt;
+      if constexpr (kSave) q1[k] = madd(dt, dt, q1[k]);
     }
   }
-  V vcenter[R];
   for (int k = 0; k < R; ++k) {
-    out[k].mean = (s0[k] + s1[k]).sum() / static_cast<A>(N);
-    vcenter[k] = V::set1(out[k].mean);
-    s0[k] = V::zero();
-    s1[k] = V::zero();
-  }
-  // x - shift: recomputed from x, or read back as saved (the same values).
-  auto shifted = [&](int k, int64_t v) {
+    const A sum = (s0[k] + s1[k]).sum();
+    out[k].mean = sum / static_cast<A>(N);
     if constexpr (kSave) {
-      return V::load(save[k] + v * L);
-    } else {
-      return V::load(xs[k] + v * L) - vshift[k];
-    }
-  };
-  for (v = 0; v + 2 <= nfull; v += 2) {
-    for (int k = 0; k < R; ++k) {
-      const V d0 = shifted(k, v) - vcenter[k];
-      const V d1 = shifted(k, v + 1) - vcenter[k];
-      s0[k] = madd(d0, d0, s0[k]);
-      s1[k] = madd(d1, d1, s1[k]);
-    }
-  }
-  if (v < nfull) {
-    for (int k = 0; k < R; ++k) {
-      const V d = shifted(k, v) - vcenter[k];
-      s0[k] = madd(d, d, s0[k]);
-    }
-  }
-  if (tail > 0) {
-    for (int k = 0; k < R; ++k) {
-      V a;
-      if constexpr (kSave) {
-        a = V::load(save[k] + nfull * L);
+      // One-pass variance, M2 = sum(d^2) - sum(d) * mean(d), kept where its cancellation is
+      // mild: its relative error is about eps (1 + 2 mean(d)^2 / var), so with
+      // mean(d)^2 <= 4 var it stays within ~9 eps, far below the half ulp of a 16-bit output
+      // (2^-9 bf16, 2^-12 fp16). Other rows (x0 more than two standard deviations from the
+      // mean: ~5% of Gaussian rows; non-finite sums) take the exact second pass over the saved
+      // copy. Only the row's own values decide which, so a result still depends on nothing but
+      // the row.
+      const A sq = (q0[k] + q1[k]).sum();
+      const A cross = sum * out[k].mean;
+      const A m2 = sq - cross;
+      if (m2 >= A(0) && cross <= A(4) * m2) {
+        out[k].var = welford_variance(m2, N);
       } else {
-        a = V::load_partial(xs[k] + nfull * L, tail) - vshift[k];
+        out[k].var = saved_variance(save[k], N, out[k].mean);
       }
-      const V d = (a - vcenter[k]).first(tail);
-      s1[k] = madd(d, d, s1[k]);
     }
   }
-  for (int k = 0; k < R; ++k) out[k].var = welford_variance((s0[k] + s1[k]).sum(), N);
+  if constexpr (!kSave) {
+    // Second pass: squared deviations from the mean, x - shift recomputed from x.
+    V vcenter[R];
+    for (int k = 0; k < R; ++k) {
+      vcenter[k] = V::set1(out[k].mean);
+      s0[k] = V::zero();
+      s1[k] = V::zero();
+    }
+    for (v = 0; v + 2 <= nfull; v += 2) {
+      for (int k = 0; k < R; ++k) {
+        const V d0 = (V::load(xs[k] + v * L) - vshift[k]) - vcenter[k];
+        const V d1 = (V::load(xs[k] + (v + 1) * L) - vshift[k]) - vcenter[k];
+        s0[k] = madd(d0, d0, s0[k]);
+        s1[k] = madd(d1, d1, s1[k]);
+      }
+    }
+    if (v < nfull) {
+      for (int k = 0; k < R; ++k) {
+        const V d = (V::load(xs[k] + v * L) - vshift[k]) - vcenter[k];
+        s0[k] = madd(d, d, s0[k]);
+      }
+    }
+    if (tail > 0) {
+      for (int k = 0; k < R; ++k) {
+        const V a = V::load_partial(xs[k] + nfull * L, tail) - vshift[k];
+        const V d = (a - vcenter[k]).first(tail);
+        s1[k] = madd(d, d, s1[k]);
+      }
+    }
+    for (int k = 0; k < R; ++k) out[k].var = welford_variance((s0[k] + s1[k]).sum(), N);
+  }
 }
 
 // Welford over `count` consecutive vectors, as kStreams interleaved streams (stream u takes
@@ -316,16 +373,6 @@ constexpr bool is_short_bwd_row(int64_t N) {
   return N <= int64_t{kShortBwdRowVectors} * Vec<A>::kSize;
 }
 
-template <typename T, typename A = acc_t<T>>
-inline RowMoments<A> row_moments(const T* x, int64_t N) {
-  if (is_short_row<A>(N)) {
-    RowMoments<A> mo;
-    moments_short<1, false, T>(&x, N, &mo);
-    return mo;
-  }
-  return moments_long<T>(x, N);
-}
-
 // Blocked pairwise summation of S parallel sums over a row: vector lanes accumulate over a chunk
 // of kChunk vectors, chunk totals enter a binary-counter cascade, lanes reduce in a fixed tree.
 template <typename V, int S>
@@ -368,6 +415,65 @@ inline void cascade_finish(const CascadeSum<V, S>& cs, A* out) {
     for (int s = 0; s < S; ++s) acc[s] = acc[s] + cs.level[lvl][s];
   }
   for (int s = 0; s < S; ++s) out[s] = acc[s].sum();
+}
+
+// Long 16-bit rows: sum(d) and sum(d^2) of d = x - x0 in one pass (blocked like RMSNorm's sum
+// of squares), M2 = sum(d^2) - sum(d) * mean(d). Welford's update takes five dependent vector
+// operations per vector where this takes two, and the statistics pass is half the row's
+// arithmetic. The cancellation test is moments_short's: with mean(d)^2 <= 4 var the relative
+// error stays within ~9 eps (times the blocked sum's log N), far below the half ulp of a 16-bit
+// output; other rows (and non-finite sums) are recomputed by Welford, the row being in cache.
+// fp32 / fp64 rows always take Welford: their outputs would see the difference.
+template <typename T, typename A = acc_t<T>>
+inline RowMoments<A> moments_long_fwd(const T* x, int64_t N) {
+  if constexpr (std::is_same_v<T, A>) {
+    return moments_long<T>(x, N);
+  } else {
+    using V = Vec<A>;
+    constexpr int L = V::kSize;
+    const int64_t nfull = N / L;
+    const int tail = static_cast<int>(N % L);
+    const A shift = load_acc(x);
+    const V vshift = V::set1(shift);
+    CascadeSum<V, 2> cs;
+    int64_t v = 0;
+    while (v < nfull) {
+      const int64_t chunk_end = std::min(nfull, v + kChunk);
+      V s[2] = {V::zero(), V::zero()};
+      V q[2] = {V::zero(), V::zero()};
+      for (; v + 2 <= chunk_end; v += 2) {
+        for (int u = 0; u < 2; ++u) {
+          const V d = V::load(x + (v + u) * L) - vshift;
+          s[u] = s[u] + d;
+          q[u] = madd(d, d, q[u]);
+        }
+      }
+      if (v < chunk_end) {
+        const V d = V::load(x + v * L) - vshift;
+        s[0] = s[0] + d;
+        q[0] = madd(d, d, q[0]);
+        ++v;
+      }
+      cs.chunk[0] = s[0] + s[1];
+      cs.chunk[1] = q[0] + q[1];
+      cs.in_chunk = kChunk - 1;
+      cs.step();
+    }
+    if (tail > 0) {
+      const V d = (V::load_partial(x + nfull * L, tail) - vshift).first(tail);
+      cs.chunk[0] = cs.chunk[0] + d;
+      cs.chunk[1] = madd(d, d, cs.chunk[1]);
+    }
+    A sums[2];
+    cascade_finish(cs, sums);
+    const A mean = sums[0] / static_cast<A>(N);
+    const A cross = sums[0] * mean;
+    const A m2 = sums[1] - cross;
+    if (m2 >= A(0) && cross <= A(4) * m2) {
+      return {shift, mean, welford_variance(m2, N)};
+    }
+    return moments_long<T>(x, N);
+  }
 }
 
 // Mean of squares of one row (RMSNorm). Nothing cancels in a sum of squares, so blocked pairwise
@@ -723,7 +829,7 @@ void fwd_rows_impl(const FwdParams& p, const P* w, const P* b, int64_t begin, in
       RowMoments<A> mo{A(0), A(0), A(0)};
       bool overflow;
       if constexpr (K == NormKind::kLayerNorm) {
-        mo = short_rows ? moments[k] : moments_long<T>(st.x, N);
+        mo = short_rows ? moments[k] : moments_long_fwd<T>(st.x, N);
         st.rstd = A(1) / std::sqrt(mo.var + eps);
         overflow = !(std::isfinite(mo.var) && std::isfinite(mo.mean));
       } else {
