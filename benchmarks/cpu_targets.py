@@ -2,7 +2,7 @@
 
 1. Forward into a preallocated output (out=), activation tensors ≥ 32 MiB: ours moves its bytes
    at ≥ 0.85× the bandwidth of ``y.copy_(x)`` on the same tensors (fp32, bf16, fp16; judged on
-   the worst such cell of each dtype).
+   the worst such cell of each dtype, each the median of nine paired rounds).
 2. Functional forward against ``F.layer_norm`` over rows {1, 8, 512, 2048, 16384} × hidden
    {50, 128, 768, 1024, 4096, 8192} × {fp32, bf16, fp16}: median speedup ≥ 1.5× for fp32 and
    ≥ 3× for bf16 / fp16, and no cell below 1.0×.
@@ -128,20 +128,41 @@ def _worst(
     return worst[key], worst
 
 
-def target_1(cells: Sequence[dict[str, Any]], dtypes: Sequence[str]) -> list[Target]:
-    """Forward out= bandwidth against copy, on the cells whose activation is ≥ 32 MiB."""
+# Target 1 is judged on paired rounds: each round times ours (out=) and copy_ back to back, in
+# alternating order, and the figure is the median of the per-round ratios. The grid's own
+# out=BW/copy column (ratio of the two medians over 3 rounds) swung by up to 2x between runs on
+# the same code (16384×1024 bf16: 0.79, 0.93, 0.46), as the VM's memory bandwidth drifts over
+# seconds and a 32 MiB tensor sits at the L3 size; pairing cancels the drift both see.
+T1_ROUNDS = 9
+
+
+def t1_paired_ratio(rows: int, hidden: int, dtype: torch.dtype, cfg: Config) -> list[float]:
+    """Per-round copy/ours ratios (ours out= bandwidth over copy_'s) for one big cell."""
+    inp = make_inputs(rows, hidden, dtype, cfg)
+    one_round = replace(cfg, rounds=1)
+    ratios = []
+    for k in range(T1_ROUNDS):
+        kinds = ("ours_out", "copy") if k % 2 == 0 else ("copy", "ours_out")
+        t = time_forward(inp, one_round, threads=cfg.threads, kinds=kinds)
+        ratios.append(t["copy"] / t["ours_out"])
+    return ratios
+
+
+def target_1(cells: Sequence[dict[str, Any]], dtypes: Sequence[str], cfg: Config) -> list[Target]:
+    """Forward out= bandwidth against copy, on the cells whose activation is ≥ 32 MiB, each the
+    median of T1_ROUNDS paired rounds (see T1_ROUNDS)."""
     out = []
     for d in dtypes:
-        big = [
-            c
-            for c in cells
-            if c["dtype"] == d and c["x_bytes"] >= BIG_TENSOR_BYTES and c["out_vs_copy"]
-        ]
+        big = [c for c in cells if c["dtype"] == d and c["x_bytes"] >= BIG_TENSOR_BYTES]
         if not big:
             out.append(Target("1", f"out= BW/copy {d}", "no cell ≥ 32 MiB", "≥ 0.85", None))
             continue
-        worst, cell = _worst(big, "out_vs_copy")
-        med = median([c["out_vs_copy"] for c in big])
+        figures = []
+        for c in big:
+            ratios = t1_paired_ratio(c["rows"], c["hidden"], parse_dtypes([d])[0], cfg)
+            figures.append((c, median(ratios), min(ratios), max(ratios)))
+        cell, worst, _, _ = min(figures, key=lambda f: f[1])
+        med = median([f[1] for f in figures])
         out.append(
             Target(
                 "1",
@@ -149,7 +170,9 @@ def target_1(cells: Sequence[dict[str, Any]], dtypes: Sequence[str]) -> list[Tar
                 f"min {worst:.2f} ({_cell(cell)}), median {med:.2f} of {len(big)}",
                 f"≥ {OUT_VS_COPY_GOAL}",
                 worst >= OUT_VS_COPY_GOAL,
-                "; ".join(f"{_cell(c)}: {c['out_vs_copy']:.2f}" for c in big),
+                "; ".join(
+                    f"{_cell(c)}: {m:.2f} (rounds {lo:.2f}–{hi:.2f})" for c, m, lo, hi in figures
+                ),
             )
         )
     return out
@@ -480,7 +503,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         cells.append(cell)
 
     targets: list[Target] = []
-    targets += _section("(1) forward out= vs copy_", lambda: target_1(cells, DEFAULT_DTYPES))
+    targets += _section("(1) forward out= vs copy_", lambda: target_1(cells, DEFAULT_DTYPES, cfg))
     targets += _section("(2) functional forward vs F", lambda: target_2(cells, DEFAULT_DTYPES))
     targets += _section("(3) backward vs ATen", lambda: target_3(cells, DEFAULT_DTYPES))
     targets += _section(

@@ -163,22 +163,19 @@ inline void moments_short(const T* const* xs, int64_t N, RowMoments<A>* out,
   constexpr int L = V::kSize;
   const int64_t nfull = N / L;
   const int tail = static_cast<int>(N % L);
-  // Two accumulators per row (even / odd vectors), indexed statically so that they live in
-  // registers: with R rows that is 2R independent addition chains.
+  // Two accumulators per row (even / odd vectors) for the sum, and with kSave two more for the
+  // sum of squares (the one-pass variance below), indexed statically so that they live in
+  // registers: with R rows that is 2R or 4R independent chains.
   V vshift[R];
   V s0[R];
   V s1[R];
+  V q0[R];
+  V q1[R];
   for (int k = 0; k < R; ++k) {
     out[k].shift = load_acc(xs[k]);
     vshift[k] = V::set1(out[k].shift);
     s0[k] = V::zero();
     s1[k] = V::zero();
-  }
-  // With kSave, the squares of x - shift are summed in the same pass (q0 / q1), for the
-  // one-pass variance below.
-  V q0[R];
-  V q1[R];
-  for (int k = 0; k < R; ++k) {
     q0[k] = V::zero();
     q1[k] = V::zero();
   }
