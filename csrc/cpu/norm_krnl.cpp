@@ -107,34 +107,58 @@ struct RowMoments {
   A var;
 };
 
+// The second pass of the two-pass algorithm for R rows: each row's sum of squared deviations
+// from its mean. load(k, v) gives whole vector v of row k as x - shift, load_tail(k) its partial
+// last vector (lanes >= N mod L are masked off here). Two accumulators per row (even / odd
+// vectors), the tail in the odd one; rows interleaved, each with the one-row instructions.
+template <int R, typename V, typename A, typename Load, typename LoadTail>
+inline void squared_deviations(int64_t N, const A* mean, Load load, LoadTail load_tail, A* m2) {
+  constexpr int L = V::kSize;
+  const int64_t nfull = N / L;
+  const int tail = static_cast<int>(N % L);
+  V vcenter[R];
+  V s0[R];
+  V s1[R];
+  for (int k = 0; k < R; ++k) {
+    vcenter[k] = V::set1(mean[k]);
+    s0[k] = V::zero();
+    s1[k] = V::zero();
+  }
+  int64_t v = 0;
+  for (; v + 2 <= nfull; v += 2) {
+    for (int k = 0; k < R; ++k) {
+      const V d0 = load(k, v) - vcenter[k];
+      const V d1 = load(k, v + 1) - vcenter[k];
+      s0[k] = madd(d0, d0, s0[k]);
+      s1[k] = madd(d1, d1, s1[k]);
+    }
+  }
+  if (v < nfull) {
+    for (int k = 0; k < R; ++k) {
+      const V d = load(k, v) - vcenter[k];
+      s0[k] = madd(d, d, s0[k]);
+    }
+  }
+  if (tail > 0) {
+    for (int k = 0; k < R; ++k) {
+      const V d = (load_tail(k) - vcenter[k]).first(tail);
+      s1[k] = madd(d, d, s1[k]);
+    }
+  }
+  for (int k = 0; k < R; ++k) m2[k] = (s0[k] + s1[k]).sum();
+}
+
 // Exact population variance of a saved row (x - shift widened to A, ceil(N / L) whole vectors)
-// about its mean: the second pass of the two-pass algorithm, for the rows whose one-pass
-// variance would cancel (moments_short).
+// about its mean, for the rows whose one-pass variance would cancel (moments_short).
 template <typename A>
 [[gnu::noinline]] A saved_variance(const A* save, int64_t N, A mean) {
   using V = Vec<A>;
   constexpr int L = V::kSize;
-  const int64_t nfull = N / L;
-  const int tail = static_cast<int>(N % L);
-  const V vcenter = V::set1(mean);
-  V s0 = V::zero();
-  V s1 = V::zero();
-  int64_t v = 0;
-  for (; v + 2 <= nfull; v += 2) {
-    const V d0 = V::load(save + v * L) - vcenter;
-    const V d1 = V::load(save + (v + 1) * L) - vcenter;
-    s0 = madd(d0, d0, s0);
-    s1 = madd(d1, d1, s1);
-  }
-  if (v < nfull) {
-    const V d = V::load(save + v * L) - vcenter;
-    s0 = madd(d, d, s0);
-  }
-  if (tail > 0) {
-    const V d = (V::load(save + nfull * L) - vcenter).first(tail);
-    s1 = madd(d, d, s1);
-  }
-  return welford_variance((s0 + s1).sum(), N);
+  A m2;
+  squared_deviations<1, V>(
+      N, &mean, [&](int, int64_t v) { return V::load(save + v * L); },
+      [&](int) { return V::load(save + N / L * L); }, &m2);
+  return welford_variance(m2, N);
 }
 
 // Short rows: the exact two-pass algorithm (sum, then sum of squared deviations), the row being
@@ -229,35 +253,14 @@ inline void moments_short(const T* const* xs, int64_t N, RowMoments<A>* out,
     }
   }
   if constexpr (!kSave) {
-    // Second pass: squared deviations from the mean, x - shift recomputed from x.
-    V vcenter[R];
-    for (int k = 0; k < R; ++k) {
-      vcenter[k] = V::set1(out[k].mean);
-      s0[k] = V::zero();
-      s1[k] = V::zero();
-    }
-    for (v = 0; v + 2 <= nfull; v += 2) {
-      for (int k = 0; k < R; ++k) {
-        const V d0 = (V::load(xs[k] + v * L) - vshift[k]) - vcenter[k];
-        const V d1 = (V::load(xs[k] + (v + 1) * L) - vshift[k]) - vcenter[k];
-        s0[k] = madd(d0, d0, s0[k]);
-        s1[k] = madd(d1, d1, s1[k]);
-      }
-    }
-    if (v < nfull) {
-      for (int k = 0; k < R; ++k) {
-        const V d = (V::load(xs[k] + v * L) - vshift[k]) - vcenter[k];
-        s0[k] = madd(d, d, s0[k]);
-      }
-    }
-    if (tail > 0) {
-      for (int k = 0; k < R; ++k) {
-        const V a = V::load_partial(xs[k] + nfull * L, tail) - vshift[k];
-        const V d = (a - vcenter[k]).first(tail);
-        s1[k] = madd(d, d, s1[k]);
-      }
-    }
-    for (int k = 0; k < R; ++k) out[k].var = welford_variance((s0[k] + s1[k]).sum(), N);
+    // Second pass, x - shift recomputed from x.
+    A mean[R];
+    A m2[R];
+    for (int k = 0; k < R; ++k) mean[k] = out[k].mean;
+    squared_deviations<R, V>(
+        N, mean, [&](int k, int64_t v) { return V::load(xs[k] + v * L) - vshift[k]; },
+        [&](int k) { return V::load_partial(xs[k] + nfull * L, tail) - vshift[k]; }, m2);
+    for (int k = 0; k < R; ++k) out[k].var = welford_variance(m2[k], N);
   }
 }
 
