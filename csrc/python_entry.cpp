@@ -153,11 +153,26 @@ PyObject* wrap(std::tuple<at::Tensor, at::Tensor>&& pair) {
 // A tensor argument the op writes into (schema Tensor(a!)).
 at::Tensor& written(PyObject* obj) { return const_cast<at::Tensor&>(THPVariable_Unpack(obj)); }
 
-// Runs the op with the GIL released (as torch's bindings do); returns its outputs wrapped.
+// CPU inputs up to this many elements run with the GIL held. Releasing and re-taking it costs
+// ~0.1 us, a tenth of such a call, and buys nothing: the op runs on the calling thread (one
+// task: csrc/cpu/norm_cpu.cpp's grain) for a few microseconds, and nothing in it waits for
+// another Python thread (Python kernels and hooks it may reach re-take the GIL themselves, which
+// the thread holding it may do). CUDA calls always release it: a launch may block on a full
+// queue, or on the device's lazy initialisation.
+constexpr int64_t kHoldGilElements = 16384;
+
+bool hold_gil(const at::Tensor& input) {
+  return input.is_cpu() && input.numel() <= kHoldGilElements;
+}
+
+// Runs the op, with the GIL released (as torch's bindings do) unless the input is small;
+// returns its outputs wrapped.
 template <class Call>
-PyObject* run(Call&& call) {
+PyObject* run(const at::Tensor& input, Call&& call) {
   decltype(call()) outputs;
-  {
+  if (hold_gil(input)) {
+    outputs = call();
+  } else {
     GilRelease no_gil;
     outputs = call();
   }
@@ -166,8 +181,10 @@ PyObject* run(Call&& call) {
 
 // The same for the forms that write into an argument and return nothing: returns `result`.
 template <class Call>
-PyObject* run_into(PyObject* result, Call&& call) {
-  {
+PyObject* run_into(const at::Tensor& input, PyObject* result, Call&& call) {
+  if (hold_gil(input)) {
+    call();
+  } else {
     GilRelease no_gil;
     call();
   }
@@ -193,12 +210,12 @@ PyObject* layer_norm_entry(PyObject* /*module*/, PyObject* const* args, Py_ssize
   const double eps = PyFloat_AS_DOUBLE(args[4]);
   const bool zero_centered_weight = args[5] == Py_True;
   if (with_out) {
-    return run_into(args[6], [&] {
+    return run_into(input, args[6], [&] {
       ops::layer_norm_out().call(input, shape, weight, bias, eps, zero_centered_weight,
                                  written(args[6]));
     });
   }
-  return run([&] {
+  return run(input, [&] {
     return ops::layer_norm().call(input, shape, weight, bias, eps, zero_centered_weight);
   });
   END_HANDLE_TH_ERRORS
@@ -222,11 +239,12 @@ PyObject* rms_norm_entry(PyObject* /*module*/, PyObject* const* args, Py_ssize_t
   const std::optional<double> eps = opt_float(args[3]);
   const bool zero_centered_weight = args[4] == Py_True;
   if (with_out) {
-    return run_into(args[5], [&] {
+    return run_into(input, args[5], [&] {
       ops::rms_norm_out().call(input, shape, weight, eps, zero_centered_weight, written(args[5]));
     });
   }
-  return run([&] { return ops::rms_norm().call(input, shape, weight, eps, zero_centered_weight); });
+  return run(input,
+             [&] { return ops::rms_norm().call(input, shape, weight, eps, zero_centered_weight); });
   END_HANDLE_TH_ERRORS
 }
 
@@ -252,7 +270,7 @@ PyObject* add_layer_norm_entry(PyObject* /*module*/, PyObject* const* args, Py_s
   const double eps = PyFloat_AS_DOUBLE(args[5]);
   const bool zero_centered_weight = args[6] == Py_True;
   if (fresh_out) {
-    return run([&] {
+    return run(input, [&] {
       at::Tensor out = at::empty_like(input, at::MemoryFormat::Contiguous);
       ops::add_layer_norm_inplace().call(input, written(args[1]), shape, weight, bias, eps,
                                          zero_centered_weight, out);
@@ -260,12 +278,12 @@ PyObject* add_layer_norm_entry(PyObject* /*module*/, PyObject* const* args, Py_s
     });
   }
   if (inplace) {
-    return run_into(args[7], [&] {
+    return run_into(input, args[7], [&] {
       ops::add_layer_norm_inplace().call(input, written(args[1]), shape, weight, bias, eps,
                                          zero_centered_weight, written(args[7]));
     });
   }
-  return run([&] {
+  return run(input, [&] {
     return ops::add_layer_norm().call(input, THPVariable_Unpack(args[1]), shape, weight, bias, eps,
                                       zero_centered_weight);
   });
@@ -293,7 +311,7 @@ PyObject* add_rms_norm_entry(PyObject* /*module*/, PyObject* const* args, Py_ssi
   const std::optional<double> eps = opt_float(args[4]);
   const bool zero_centered_weight = args[5] == Py_True;
   if (fresh_out) {
-    return run([&] {
+    return run(input, [&] {
       at::Tensor out = at::empty_like(input, at::MemoryFormat::Contiguous);
       ops::add_rms_norm_inplace().call(input, written(args[1]), shape, weight, eps,
                                        zero_centered_weight, out);
@@ -301,12 +319,12 @@ PyObject* add_rms_norm_entry(PyObject* /*module*/, PyObject* const* args, Py_ssi
     });
   }
   if (inplace) {
-    return run_into(args[6], [&] {
+    return run_into(input, args[6], [&] {
       ops::add_rms_norm_inplace().call(input, written(args[1]), shape, weight, eps,
                                        zero_centered_weight, written(args[6]));
     });
   }
-  return run([&] {
+  return run(input, [&] {
     return ops::add_rms_norm().call(input, THPVariable_Unpack(args[1]), shape, weight, eps,
                                     zero_centered_weight);
   });
