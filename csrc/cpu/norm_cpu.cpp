@@ -1,8 +1,8 @@
 // CPU launchers: split rows across torch's intra-op thread pool and call the ISA-specific row
 // kernels (norm_krnl.cpp) chosen by isa.cpp. Registers the CPU kernels of every op.
 
+#include <ATen/EmptyTensor.h>
 #include <ATen/Parallel.h>
-#include <ATen/ops/empty.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -190,9 +190,10 @@ void launch_backward_cpu(const BwdProblem& p) {
     if (!grad.defined()) {
       return at::Tensor();
     }
-    at::Tensor rows = chunks == 1 && grad.scalar_type() == acc_dtype && grad.is_contiguous()
-                          ? grad
-                          : at::empty({chunks, N}, p.x.options().dtype(acc_dtype));
+    at::Tensor rows =
+        chunks == 1 && grad.scalar_type() == acc_dtype && grad.is_contiguous()
+            ? grad
+            : at::Tensor(at::detail::empty_cpu({chunks, N}, p.x.options().dtype(acc_dtype)));
     std::memset(rows.mutable_data_ptr(), 0, static_cast<size_t>(chunks * N) * acc_size);
     return rows;
   };

@@ -121,9 +121,7 @@ struct Vec<float> {
                              _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
   }
   void store_partial(BFloat16* p, int n) const {
-    alignas(64) BFloat16 tmp[kSize];
-    store(tmp);
-    _mm256_mask_storeu_epi16(p, mask(n), _mm256_load_si256(reinterpret_cast<const __m256i*>(tmp)));
+    _mm256_mask_storeu_epi16(p, mask(n), bf16_bits());
   }
   // Lanes >= n set to zero.
   Vec first(int n) const { return {_mm512_maskz_mov_ps(mask(n), v)}; }
