@@ -153,12 +153,12 @@ PyObject* wrap(std::tuple<at::Tensor, at::Tensor>&& pair) {
 // A tensor argument the op writes into (schema Tensor(a!)).
 at::Tensor& written(PyObject* obj) { return const_cast<at::Tensor&>(THPVariable_Unpack(obj)); }
 
-// CPU inputs up to this many elements run with the GIL held. Releasing and re-taking it costs
-// ~0.1 us, a tenth of such a call, and buys nothing: the op runs on the calling thread (one
-// task: csrc/cpu/norm_cpu.cpp's grain) for a few microseconds, and nothing in it waits for
-// another Python thread (Python kernels and hooks it may reach re-take the GIL themselves, which
-// the thread holding it may do). CUDA calls always release it: a launch may block on a full
-// queue, or on the device's lazy initialisation.
+// CPU inputs up to this many elements run with the GIL held: such a call takes a few
+// microseconds, of which releasing and re-taking the GIL was a tenth, and nothing in it waits for
+// another Python thread (intra-op threads that may share its rows never touch Python;
+// Python kernels and hooks it may reach re-take the GIL themselves, which the thread holding it
+// may do). CUDA calls always release it: a launch may block on a full queue, or on the device's
+// lazy initialisation.
 constexpr int64_t kHoldGilElements = 16384;
 
 bool hold_gil(const at::Tensor& input) {
