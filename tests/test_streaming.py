@@ -1,8 +1,9 @@
-"""Caller-provided outputs (out=, in-place) at least as large as the last-level cache are written
-with non-temporal stores (CPU forward). That changes only how y reaches memory: every row must be
-bitwise what the cached path gives for the same row (computed here in blocks below the
-threshold), for each op, with and without the alignment that streaming needs, on the best and the
-portable kernel set. Fresh outputs (the functional form) use plain stores: same bits too."""
+"""Forward outputs whose problem (input + output) fills the last-level cache are written with
+non-temporal stores (CPU forward): caller-provided ones (out=, in-place) always, fresh ones when
+their memory is already mapped in (a fresh mapping takes plain stores). That changes only how y
+reaches memory: every row must be bitwise what the cached path gives for the same row (computed
+here in blocks below the threshold), for each op, with and without the alignment that streaming
+needs, on the best and the portable kernel set, and for fresh outputs either way."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from norm_testing import assert_bitwise_equal, check_result, fwd_tol, use_isa
 
 import layernorm_ext
 
-STREAM_BYTES = 64 << 20  # >= the streaming threshold: max(last-level cache, 32 MiB)
+STREAM_BYTES = 64 << 20  # output alone >= the streaming threshold: max(last-level cache, 32 MiB)
 BLOCK_ROWS = 256  # blocks far below the threshold: the cached path
 
 
