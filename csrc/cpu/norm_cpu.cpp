@@ -81,7 +81,7 @@ const CacheSizes& cache_sizes() {
 // normalisation). Smaller problems leave the output in cache for its reader. Measured (out=,
 // median of 5 rounds against copy_ of the same bytes, two runs): with the output alone as the
 // criterion, 24 MiB fp16 16384 x 768 and 16 MiB fp32 2048 x 2048 outputs (plain stores) ran
-// at 0.56 / 0.37-0.43 of copy_'s bandwidth; streamed, 0.84 / 0.66-0.78.
+// at 0.53-0.56 / 0.37-0.43 of copy_'s bandwidth; streamed, 0.60-0.84 / 0.66-0.78.
 int64_t streaming_threshold_bytes() {
   static const int64_t bytes = std::max<int64_t>(cache_sizes().last_level, int64_t{32} << 20);
   return bytes;
@@ -109,7 +109,7 @@ bool middle_page_resident(const void* data, int64_t bytes) {
 // A fresh mapping takes plain stores: there they measured ~10% faster than streaming (the page
 // faults dominate; e.g. fp32 2048 x 8192 fresh outputs 29.3 vs 37.6 ms). A reused allocation
 // streams like the caller's buffers (bf16 16384 x 768: 1.23-1.37x F.layer_norm's speed with
-// plain stores, 1.96-2.40x streamed).
+// plain stores, 1.96-2.41x streamed).
 bool use_streaming_stores(const FwdProblem& p) {
   const int64_t item = static_cast<int64_t>(p.y.element_size());
   const int64_t bytes = p.M * p.N * (item + static_cast<int64_t>(p.x.element_size()));
