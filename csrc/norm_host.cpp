@@ -71,7 +71,7 @@ std::pair<at::Tensor, int64_t> writable_rows(const at::Tensor& t, int64_t nd, in
   if (s >= 0 && (M <= 1 || s >= N)) {
     return {t, s};
   }
-  return {new_tensor(t.sizes(), t.options().memory_format(at::MemoryFormat::Contiguous)), N};
+  return {empty_contiguous_like(t), N};
 }
 
 void check_residual(const char* op, const at::Tensor& input, const at::Tensor& residual,

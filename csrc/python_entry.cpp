@@ -170,10 +170,9 @@ bool hold_gil(const at::Tensor& input) {
 template <class Call>
 PyObject* run(const at::Tensor& input, Call&& call) {
   decltype(call()) outputs;
-  if (hold_gil(input)) {
-    outputs = call();
-  } else {
-    GilRelease no_gil;
+  {
+    std::optional<GilRelease> no_gil;
+    if (!hold_gil(input)) no_gil.emplace();
     outputs = call();
   }
   return wrap(std::move(outputs));
@@ -182,10 +181,9 @@ PyObject* run(const at::Tensor& input, Call&& call) {
 // The same for the forms that write into an argument and return nothing: returns `result`.
 template <class Call>
 PyObject* run_into(const at::Tensor& input, PyObject* result, Call&& call) {
-  if (hold_gil(input)) {
-    call();
-  } else {
-    GilRelease no_gil;
+  {
+    std::optional<GilRelease> no_gil;
+    if (!hold_gil(input)) no_gil.emplace();
     call();
   }
   Py_INCREF(result);

@@ -23,9 +23,9 @@
 namespace layernorm_ext {
 namespace {
 
-// Work per task in element-equivalents: the columns of the backward's parameter gradients, and
-// (with kRowOverhead) the rows of every pass. Only the split changes with the thread count; a
-// row's arithmetic never does, so results are bitwise identical for any number of threads.
+// Elements per task of the backward's parameter-gradient passes (chunk count, column split).
+// Only splits change with the thread count; a row's arithmetic never does, so results are
+// bitwise identical for any number of threads.
 constexpr int64_t kGrainElements = 16384;
 
 // Rows per task: at least ~14K element-equivalents, a row costing N + kRowOverhead (its
