@@ -302,6 +302,40 @@ def test_f3_one_pass_statistics_stay_exact(isa, dtype, N, gen):
         check_result(y, ref_y.reshape(M, N), fwd_tol(dtype), f"{label} y")
 
 
+@pytest.mark.parametrize("N", [100, 768, 1040, 5000])
+@pytest.mark.parametrize("op", OPS, ids=OP_IDS)
+def test_f3_bf16_tiny_rows_take_the_exact_statistics(isa, op, N, gen):
+    """bf16 rows too small for LayerNorm's AVX512-BF16 dot-product statistics, which read
+    subnormal inputs as zero and flush subnormal products: 1e-39 rows (subnormal values) and
+    1e-20 rows (squares below fp32's normal range). They must take the exact path, so the saved
+    statistics match float64: a flushed mean would be 0 (an error of ~|mean| / spread). RMSNorm
+    (whose sum of squares, flushed, would give rstd = inf at eps = 0) is held to the same.
+    Short and long rows, every ISA."""
+    dtype = torch.bfloat16
+    u = U_ACC[torch.float32]
+    for scale, eps in ((1e-39, 1e-12), (1e-20, 0.0)):
+        x = (torch.randn(4, N, generator=gen, dtype=torch.float64) * scale).to(dtype)
+        w, b = make_params((N,), dtype, True, True, generator=gen)
+        with use_isa(isa):
+            y, mean, rstd = op.stats(x, N, w, b, eps=eps)
+        label = f"[{isa} {op} N={N} {scale:g}·randn eps={eps}]"
+        xd = x.double()
+        if op.is_ln:
+            ref_mean = xd.mean(dim=1)
+            ref_var = xd.var(dim=1, unbiased=False)
+            spread = (xd - ref_mean[:, None]).abs().amax(dim=1)
+            # fp32 subnormal arithmetic rounds at 2^-149: ~1e-6 of these rows' spread.
+            mean_err = (mean.double().flatten() - ref_mean).abs() / (ref_mean.abs() + spread)
+            assert float(mean_err.max()) <= 1e-4, f"{label} mean errors {mean_err.tolist()}"
+        else:
+            ref_var = xd.square().mean(dim=1)
+        ref_rstd = 1 / torch.sqrt(ref_var + eps)
+        # A sum of subnormal squares keeps ~17 bits: relative error ~1e-5.
+        rstd_err = (rstd.double().flatten() - ref_rstd).abs() / ref_rstd
+        assert float(rstd_err.max()) <= max(32 * u, 1e-4), f"{label} rstd {rstd_err.tolist()}"
+        check_result(y, op.ref(x, N, w, b, eps=eps), fwd_tol(dtype), f"{label} y")
+
+
 # --- F5: near-constant rows -----------------------------------------------------------------------
 
 

@@ -11,7 +11,8 @@
 //    merged by a binary-counter cascade of Chan merges (error ~log N, not ~N), lanes merged in a
 //    fixed pairwise tree, the scalar tail (N mod L) merged last; short rows by the exact
 //    two-pass algorithm; fp16 / bf16 rows by a one-pass variance wherever it cannot cancel
-//    (moments_short, moments_long_fwd), the exact algorithms elsewhere;
+//    (moments_short, moments_long_fwd), the exact algorithms elsewhere; bf16 rows with
+//    AVX512-BF16 take that one-pass variance from vdpbf16ps dot products (dot_moments_*);
 //  * RMSNorm's sum of squares uses the same chunk / cascade / lane-tree blocking;
 //  * y = ((x - mean) * rstd) * w + b: never folded into x * scale + shift, so a constant row and
 //    N == 1 give exactly b;
@@ -634,8 +635,9 @@ inline void apply_row(const X* x, const P* w, const P* b, T* y, int64_t N, A shi
   if (tail > 0) {
     // A saved row's last vector was stored whole (moments_short): it is re-read whole, which
     // store forwarding serves, and its extra lanes are never stored.
-    apply_vec<K, kW, kB, kShifted, V, T>(kShifted ? V::load(x + i) : V::load_partial(x + i, tail),
-                                         w, b, i, tail, vshift, vmean, vrstd)
+    constexpr bool kSaved = kShifted && std::is_same_v<X, A> && !std::is_same_v<T, A>;
+    apply_vec<K, kW, kB, kShifted, V, T>(kSaved ? V::load(x + i) : V::load_partial(x + i, tail), w,
+                                         b, i, tail, vshift, vmean, vrstd)
         .store_partial(y + i, tail);
   }
 }
@@ -719,6 +721,143 @@ constexpr int64_t kApplyTile = 1024;  // elements; a multiple of every vector wi
 // Short rows: groups of kShortGroup rows share one interleaved statistics pass.
 constexpr int kShortGroup = 4;
 
+// --- bf16 LayerNorm statistics by dot products (AVX512-BF16) -----------------------------------
+//
+// vdpbf16ps multiplies bf16 pairs into fp32 (exactly: an 8-bit by 8-bit significand product fits
+// fp32's 24 bits) and adds both products of a lane pair to an fp32 accumulator. So sum(x) (against
+// ones) and sum(x^2) take one instruction each per 32 elements of the row as stored, where the
+// widened paths above spend about five per 16 (widen, shift, add, square-add, save), and the apply
+// pass then re-reads the row as stored. Measured (harness, 1 thread, bf16 LayerNorm, cycles per
+// 16 elements, widened -> dot): 512 x 768 9.6-9.9 -> 8.0, 512 x 4096 10.4-10.7 -> 7.8-8.3,
+// 2048 x 128 14.9 -> 13.1-13.5, 2048 x 50 31.5 -> 27.1-28.2.
+//
+// Numerics. The sums are not shifted by x0, so M2 = sum(x^2) - sum(x) * mean is the one-pass
+// variance of moments_long_fwd, kept under the same cancellation test (mean^2 <= 4 var: relative
+// error ~9 eps times the blocked sum's log N). vdpbf16ps reads subnormal inputs as zero and
+// flushes subnormal results, which moves a sum by at most 2^-126 per element: invisible once the
+// row's sum of squares is at least kDotMinSquares (std >= 2^-31 / sqrt(N) under the test). Rows
+// outside the tests (a large mean, tiny values, non-finite sums) are recomputed by Welford, the
+// row being in cache; rows that pass get shift 0, and the apply pass reads x itself.
+// RMSNorm keeps the widened sum of squares: its 16-bit results are bitwise those of the fp32
+// computation on the upcast tensors (test_f16_low_precision_is_fp32_rounded_once), which a
+// pairwise dot-product order would break.
+#if defined(__AVX512BF16__)
+constexpr bool kDotStats = true;
+constexpr float kDotMinSquares = 0x1p-60f;
+constexpr int kDotSize = 32;  // bf16 elements per 512-bit vector
+
+inline __m512bh bf16_ones() { return (__m512bh)_mm512_set1_epi16(0x3F80); }
+
+inline __m512bh load_bf16_tail(const BFloat16* p, int n) {
+  // Masked-off elements load as +0 and add exact zeros.
+  return (__m512bh)_mm512_maskz_loadu_epi16(static_cast<__mmask32>((1u << n) - 1u), p);
+}
+
+// Moments from sum(x) and sum(x^2), or Welford where a test above fails.
+template <typename T>
+inline RowMoments<float> dot_moments(const T* x, int64_t N, float sum, float squares) {
+  const float mean = sum / static_cast<float>(N);
+  const float cross = sum * mean;
+  const float m2 = squares - cross;
+  if (squares >= kDotMinSquares && std::isfinite(squares) && m2 >= 0.0f && cross <= 4.0f * m2)
+      [[likely]] {
+    return {0.0f, mean, welford_variance(m2, N)};
+  }
+  return moments_long<T>(x, N);
+}
+
+// Long rows: four accumulators per sum over chunks of kChunk vectors, chunk totals into the
+// cascade (as row_mean_square), the masked tail vector last.
+template <typename T>
+inline RowMoments<float> dot_moments_long(const T* x, int64_t N) {
+  static_assert(std::is_same_v<T, BFloat16>);
+  constexpr int L = kDotSize;
+  const int64_t nfull = N / L;
+  const int tail = static_cast<int>(N % L);
+  const __m512bh ones = bf16_ones();
+  CascadeSum<Vec<float>, 2> cs;
+  int64_t v = 0;
+  while (v < nfull) {
+    const int64_t chunk_end = std::min(nfull, v + kChunk);
+    __m512 s[4], q[4];
+    for (int u = 0; u < 4; ++u) s[u] = q[u] = _mm512_setzero_ps();
+    auto step = [&](int u) {
+      const __m512bh xv = (__m512bh)_mm512_loadu_si512(x + v * L);
+      s[u] = _mm512_dpbf16_ps(s[u], xv, ones);
+      q[u] = _mm512_dpbf16_ps(q[u], xv, xv);
+    };
+    while (v + 4 <= chunk_end) {
+      for (int u = 0; u < 4; ++u, ++v) step(u);
+    }
+    for (int u = 0; v < chunk_end; ++v, ++u) step(u);
+    cs.chunk[0] = {_mm512_add_ps(_mm512_add_ps(s[0], s[1]), _mm512_add_ps(s[2], s[3]))};
+    cs.chunk[1] = {_mm512_add_ps(_mm512_add_ps(q[0], q[1]), _mm512_add_ps(q[2], q[3]))};
+    cs.in_chunk = kChunk - 1;
+    cs.step();
+  }
+  if (tail > 0) {
+    const __m512bh xv = load_bf16_tail(x + nfull * L, tail);
+    cs.chunk[0] = {_mm512_dpbf16_ps(cs.chunk[0].v, xv, ones)};
+    cs.chunk[1] = {_mm512_dpbf16_ps(cs.chunk[1].v, xv, xv)};
+  }
+  float sums[2];
+  cascade_finish(cs, sums);
+  return dot_moments(x, N, sums[0], sums[1]);
+}
+
+// Short rows (at most kChunk vectors: no cascade), R at once, each row with the instructions of
+// the one-row version (R = 1), so the grouping never changes a result: sum = tail + (s0 + s1),
+// the masked tail vector in its own accumulator. Short rows need the R independent chains (bf16
+// 2048 x 128: 24.5 cycles per 16 elements row by row, 13.1 four at a time).
+template <int R, typename T>
+inline void dot_moments_short(const T* const* xs, int64_t N, RowMoments<float>* out) {
+  static_assert(std::is_same_v<T, BFloat16>);
+  constexpr int L = kDotSize;
+  const int64_t nfull = N / L;
+  const int tail = static_cast<int>(N % L);
+  const __m512bh ones = bf16_ones();
+  __m512 s0[R], s1[R], q0[R], q1[R];
+  for (int k = 0; k < R; ++k) s0[k] = s1[k] = q0[k] = q1[k] = _mm512_setzero_ps();
+  auto step = [&](int k, int64_t v, __m512& s, __m512& q) {
+    const __m512bh xv = (__m512bh)_mm512_loadu_si512(xs[k] + v * L);
+    s = _mm512_dpbf16_ps(s, xv, ones);
+    q = _mm512_dpbf16_ps(q, xv, xv);
+  };
+  int64_t v = 0;
+  for (; v + 2 <= nfull; v += 2) {
+    for (int k = 0; k < R; ++k) {
+      step(k, v, s0[k], q0[k]);
+      step(k, v + 1, s1[k], q1[k]);
+    }
+  }
+  if (v < nfull) {
+    for (int k = 0; k < R; ++k) step(k, v, s0[k], q0[k]);
+  }
+  for (int k = 0; k < R; ++k) {
+    __m512 s = _mm512_add_ps(s0[k], s1[k]);
+    __m512 q = _mm512_add_ps(q0[k], q1[k]);
+    if (tail > 0) {
+      const __m512bh xv = load_bf16_tail(xs[k] + nfull * L, tail);
+      s = _mm512_add_ps(_mm512_dpbf16_ps(_mm512_setzero_ps(), xv, ones), s);
+      q = _mm512_add_ps(_mm512_dpbf16_ps(_mm512_setzero_ps(), xv, xv), q);
+    }
+    out[k] = dot_moments(xs[k], N, _mm512_reduce_add_ps(s), _mm512_reduce_add_ps(q));
+  }
+}
+#else
+constexpr bool kDotStats = false;
+// Named only in the discarded `if constexpr (kDot)` branches of fwd_rows_impl.
+template <typename T>
+RowMoments<float> dot_moments_long(const T*, int64_t) {
+  static_assert(sizeof(T) == 0, "AVX512-BF16 only");
+  return {};
+}
+template <int R, typename T>
+void dot_moments_short(const T* const*, int64_t, RowMoments<float>*) {
+  static_assert(sizeof(T) == 0, "AVX512-BF16 only");
+}
+#endif
+
 template <NormKind K, WMode kW, bool kB, typename T, typename P>
 int row_group_size(int64_t N) {
   if (is_short_row<acc_t<T>>(N)) {
@@ -775,7 +914,11 @@ void fwd_rows_impl(const FwdParams& p, const P* w, const P* b, int64_t begin, in
   // only once, gains nothing.
   // Only with 16 lanes (AVX-512): on the 8-lane AVX2 path the saving did not show, and fp16,
   // whose widening is one instruction, measured 5-13% slower.
-  constexpr bool kWiden = !std::is_same_v<T, A> && K == NormKind::kLayerNorm && Vec<A>::kSize >= 16;
+  // bf16 rows with AVX512-BF16 take their statistics by dot products (dot_sums) and the apply
+  // pass re-reads them as stored.
+  constexpr bool kDot = kDotStats && K == NormKind::kLayerNorm && std::is_same_v<T, BFloat16>;
+  constexpr bool kWiden =
+      !kDot && !std::is_same_v<T, A> && K == NormKind::kLayerNorm && Vec<A>::kSize >= 16;
   constexpr int64_t kWidenMinVectors = 6;
   constexpr int64_t kWideStride = int64_t{kShortRowVectors + 1} * Vec<A>::kSize;
   alignas(64) A wide_rows[kWiden ? kShortGroup : 1][kWiden ? kWideStride : 1];
@@ -803,7 +946,13 @@ void fwd_rows_impl(const FwdParams& p, const P* w, const P* b, int64_t begin, in
     RowMoments<A> moments[kMaxGroup];
     A mean_squares[kMaxGroup];
     if (short_rows) {
-      if constexpr (K == NormKind::kLayerNorm) {
+      if constexpr (kDot) {
+        if (g == kShortGroup) {
+          dot_moments_short<kShortGroup, T>(xs, N, moments);
+        } else {
+          for (int k = 0; k < g; ++k) dot_moments_short<1, T>(xs + k, N, moments + k);
+        }
+      } else if constexpr (K == NormKind::kLayerNorm) {
         if (widen) {
           if (g == kShortGroup) {
             moments_short<kShortGroup, true, T>(xs, N, moments, wide);
@@ -829,7 +978,13 @@ void fwd_rows_impl(const FwdParams& p, const P* w, const P* b, int64_t begin, in
       RowMoments<A> mo{A(0), A(0), A(0)};
       bool overflow;
       if constexpr (K == NormKind::kLayerNorm) {
-        mo = short_rows ? moments[k] : moments_long_fwd<T>(st.x, N);
+        if (short_rows) {
+          mo = moments[k];
+        } else if constexpr (kDot) {
+          mo = dot_moments_long(st.x, N);
+        } else {
+          mo = moments_long_fwd<T>(st.x, N);
+        }
         st.rstd = A(1) / std::sqrt(mo.var + eps);
         overflow = !(std::isfinite(mo.var) && std::isfinite(mo.mean));
       } else {
@@ -852,7 +1007,11 @@ void fwd_rows_impl(const FwdParams& p, const P* w, const P* b, int64_t begin, in
     if (g == 1 && !short_rows) {
       const RowState& st = rows[0];
       if (!st.done) {
-        apply_row<K, kW, kB, kStream>(st.x, w, b, st.y, N, st.shift, st.mean, st.rstd);
+        if (kDot && st.shift == A(0)) {
+          apply_row<K, kW, kB, kStream, true>(st.x, w, b, st.y, N, st.shift, st.mean, st.rstd);
+        } else {
+          apply_row<K, kW, kB, kStream>(st.x, w, b, st.y, N, st.shift, st.mean, st.rstd);
+        }
       }
       continue;
     }
@@ -875,6 +1034,9 @@ void fwd_rows_impl(const FwdParams& p, const P* w, const P* b, int64_t begin, in
         const T* pf_res = pf && res != nullptr ? res + next * p.residual_stride + j : nullptr;
         if (widen) {
           apply_row<K, kW, kB, kStream, true>(wide[k] + j, wj, bj, st.y + j, len, st.shift, st.mean,
+                                              st.rstd, pf_x, pf_res);
+        } else if (kDot && st.shift == A(0)) {
+          apply_row<K, kW, kB, kStream, true>(st.x + j, wj, bj, st.y + j, len, st.shift, st.mean,
                                               st.rstd, pf_x, pf_res);
         } else {
           apply_row<K, kW, kB, kStream>(st.x + j, wj, bj, st.y + j, len, st.shift, st.mean, st.rstd,
