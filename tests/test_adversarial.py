@@ -277,7 +277,9 @@ def test_f3_one_pass_statistics_stay_exact(isa, dtype, N, gen):
     exact second pass where it could (the shift, the row's first element, far from the mean).
     Either way the saved mean and rstd stay within a few fp32 ulps of the float64 moments of the
     stored values, and y within the usual tolerance: a one-pass variance kept for the 30-sigma
-    row would be off by ~1e-4. Short widened rows (N ≤ 1024 on AVX-512) and long rows both."""
+    row would be off by ~1e-4. Short widened rows (N ≤ 1024 on AVX-512) and long rows both. On
+    AVX-512, fp16 rows (and bf16 rows with AVX512-BF16) take unshifted sums instead: there the
+    offset is the row's mean, and the 1000-offset rows are the ones that need the exact pass."""
     offsets = [0.0, 0.5, -1.5, 1.9, 2.1, -3.0, 8.0, -30.0, 200.0]
     x = _offset_rows(N, offsets, dtype, gen)
     shifted = 1000 + x.double()  # a large common offset: the shift removes it exactly

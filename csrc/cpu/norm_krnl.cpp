@@ -11,8 +11,9 @@
 //    merged by a binary-counter cascade of Chan merges (error ~log N, not ~N), lanes merged in a
 //    fixed pairwise tree, the scalar tail (N mod L) merged last; short rows by the exact
 //    two-pass algorithm; fp16 / bf16 rows by a one-pass variance wherever it cannot cancel
-//    (moments_short, moments_long_fwd), the exact algorithms elsewhere; bf16 rows with
-//    AVX512-BF16 take that one-pass variance from vdpbf16ps dot products (dot_moments_*);
+//    (moments_short, moments_long_fwd), the exact algorithms elsewhere; with AVX-512, fp16 rows
+//    take it from unshifted sums (sum_moments_*), bf16 rows with AVX512-BF16 from vdpbf16ps dot
+//    products (dot_moments_*);
 //  * RMSNorm's sum of squares uses the same chunk / cascade / lane-tree blocking;
 //  * y = ((x - mean) * rstd) * w + b: never folded into x * scale + shift, so a constant row and
 //    N == 1 give exactly b;
@@ -721,7 +722,13 @@ constexpr int64_t kApplyTile = 1024;  // elements; a multiple of every vector wi
 // Short rows: groups of kShortGroup rows share one interleaved statistics pass.
 constexpr int kShortGroup = 4;
 
-// --- bf16 LayerNorm statistics by dot products (AVX512-BF16) -----------------------------------
+// --- 16-bit LayerNorm statistics from unshifted sums (AVX-512) --------------------------------
+//
+// sum(x) and sum(x^2) of the row as stored, with no shift, no widened copy and no second pass:
+// the apply pass re-reads the row. fp16 rows widen each vector (vcvtph2ps, one instruction);
+// bf16 rows on AVX512-BF16 use dot products (below). Measured (harness, 1 thread, fp16
+// LayerNorm, cycles per 16 elements, widened copy -> sums): 512 x 768 9.5 -> 8.0, 512 x 4096
+// 9.4 -> 8.1, 2048 x 128 14.5 -> 12.4.
 //
 // vdpbf16ps multiplies bf16 pairs into fp32 (exactly: an 8-bit by 8-bit significand product fits
 // fp32's 24 bits) and adds both products of a lane pair to an fp32 accumulator. So sum(x) (against
@@ -733,7 +740,8 @@ constexpr int kShortGroup = 4;
 //
 // Numerics. The sums are not shifted by x0, so M2 = sum(x^2) - sum(x) * mean is the one-pass
 // variance of moments_long_fwd, kept under the same cancellation test (mean^2 <= 4 var: relative
-// error ~9 eps times the blocked sum's log N). vdpbf16ps reads subnormal inputs as zero and
+// error ~9 eps times the blocked sum's log N); rows with a large mean, the reason for the shift,
+// fail it and take Welford. vdpbf16ps reads subnormal inputs as zero and
 // flushes subnormal results, which moves a sum by at most 2^-126 per element: invisible once the
 // row's sum of squares is at least kDotMinSquares (std >= 2^-31 / sqrt(N) under the test). Rows
 // outside the tests (a large mean, tiny values, non-finite sums) are recomputed by Welford, the
@@ -741,17 +749,7 @@ constexpr int kShortGroup = 4;
 // RMSNorm keeps the widened sum of squares: its 16-bit results are bitwise those of the fp32
 // computation on the upcast tensors (test_f16_low_precision_is_fp32_rounded_once), which a
 // pairwise dot-product order would break.
-#if defined(__AVX512BF16__)
-constexpr bool kDotStats = true;
 constexpr float kDotMinSquares = 0x1p-60f;
-constexpr int kDotSize = 32;  // bf16 elements per 512-bit vector
-
-inline __m512bh bf16_ones() { return (__m512bh)_mm512_set1_epi16(0x3F80); }
-
-inline __m512bh load_bf16_tail(const BFloat16* p, int n) {
-  // Masked-off elements load as +0 and add exact zeros.
-  return (__m512bh)_mm512_maskz_loadu_epi16(static_cast<__mmask32>((1u << n) - 1u), p);
-}
 
 // Moments from sum(x) and sum(x^2), or Welford where a test above fails.
 template <typename T>
@@ -764,6 +762,94 @@ inline RowMoments<float> dot_moments(const T* x, int64_t N, float sum, float squ
     return {0.0f, mean, welford_variance(m2, N)};
   }
   return moments_long<T>(x, N);
+}
+
+// fp16 rows: the sums from widened vectors, blocked like moments_long_fwd (long rows) and
+// moments_short (short rows, R at once with the one-row instructions).
+template <typename T>
+inline RowMoments<float> sum_moments_long(const T* x, int64_t N) {
+  using V = Vec<float>;
+  constexpr int L = V::kSize;
+  const int64_t nfull = N / L;
+  const int tail = static_cast<int>(N % L);
+  CascadeSum<V, 2> cs;
+  int64_t v = 0;
+  while (v < nfull) {
+    const int64_t chunk_end = std::min(nfull, v + kChunk);
+    V s[2] = {V::zero(), V::zero()};
+    V q[2] = {V::zero(), V::zero()};
+    for (; v + 2 <= chunk_end; v += 2) {
+      for (int u = 0; u < 2; ++u) {
+        const V xv = V::load(x + (v + u) * L);
+        s[u] = s[u] + xv;
+        q[u] = madd(xv, xv, q[u]);
+      }
+    }
+    if (v < chunk_end) {
+      const V xv = V::load(x + v * L);
+      s[0] = s[0] + xv;
+      q[0] = madd(xv, xv, q[0]);
+      ++v;
+    }
+    cs.chunk[0] = s[0] + s[1];
+    cs.chunk[1] = q[0] + q[1];
+    cs.in_chunk = kChunk - 1;
+    cs.step();
+  }
+  if (tail > 0) {
+    const V xv = V::load_partial(x + nfull * L, tail);  // lanes >= tail read as zero
+    cs.chunk[0] = cs.chunk[0] + xv;
+    cs.chunk[1] = madd(xv, xv, cs.chunk[1]);
+  }
+  float sums[2];
+  cascade_finish(cs, sums);
+  return dot_moments(x, N, sums[0], sums[1]);
+}
+
+template <int R, typename T>
+inline void sum_moments_short(const T* const* xs, int64_t N, RowMoments<float>* out) {
+  using V = Vec<float>;
+  constexpr int L = V::kSize;
+  const int64_t nfull = N / L;
+  const int tail = static_cast<int>(N % L);
+  V s0[R], s1[R], q0[R], q1[R];
+  for (int k = 0; k < R; ++k) s0[k] = s1[k] = q0[k] = q1[k] = V::zero();
+  auto step = [&](int k, int64_t v, V& s, V& q) {
+    const V xv = V::load(xs[k] + v * L);
+    s = s + xv;
+    q = madd(xv, xv, q);
+  };
+  int64_t v = 0;
+  for (; v + 2 <= nfull; v += 2) {
+    for (int k = 0; k < R; ++k) {
+      step(k, v, s0[k], q0[k]);
+      step(k, v + 1, s1[k], q1[k]);
+    }
+  }
+  if (v < nfull) {
+    for (int k = 0; k < R; ++k) step(k, v, s0[k], q0[k]);
+  }
+  for (int k = 0; k < R; ++k) {
+    V s = s0[k] + s1[k];
+    V q = q0[k] + q1[k];
+    if (tail > 0) {
+      const V xv = V::load_partial(xs[k] + nfull * L, tail);
+      s = s + xv;
+      q = madd(xv, xv, q);
+    }
+    out[k] = dot_moments(xs[k], N, s.sum(), q.sum());
+  }
+}
+
+#if defined(__AVX512BF16__)
+constexpr bool kDotStats = true;
+constexpr int kDotSize = 32;  // bf16 elements per 512-bit vector
+
+inline __m512bh bf16_ones() { return (__m512bh)_mm512_set1_epi16(0x3F80); }
+
+inline __m512bh load_bf16_tail(const BFloat16* p, int n) {
+  // Masked-off elements load as +0 and add exact zeros.
+  return (__m512bh)_mm512_maskz_loadu_epi16(static_cast<__mmask32>((1u << n) - 1u), p);
 }
 
 // Long rows: four accumulators per sum over chunks of kChunk vectors, chunk totals into the
@@ -916,9 +1002,14 @@ void fwd_rows_impl(const FwdParams& p, const P* w, const P* b, int64_t begin, in
   // whose widening is one instruction, measured 5-13% slower.
   // bf16 rows with AVX512-BF16 take their statistics by dot products (dot_sums) and the apply
   // pass re-reads them as stored.
+  // fp16 LayerNorm with AVX-512 takes the unshifted sums of widened vectors (sum_moments_*), bf16
+  // with AVX512-BF16 dot products (dot_moments_*); either re-reads the row as stored.
   constexpr bool kDot = kDotStats && K == NormKind::kLayerNorm && std::is_same_v<T, BFloat16>;
+  constexpr bool kSums =
+      K == NormKind::kLayerNorm && std::is_same_v<T, Half> && Vec<A>::kSize >= 16;
+  constexpr bool kUnshifted = kDot || kSums;
   constexpr bool kWiden =
-      !kDot && !std::is_same_v<T, A> && K == NormKind::kLayerNorm && Vec<A>::kSize >= 16;
+      !kUnshifted && !std::is_same_v<T, A> && K == NormKind::kLayerNorm && Vec<A>::kSize >= 16;
   constexpr int64_t kWidenMinVectors = 6;
   constexpr int64_t kWideStride = int64_t{kShortRowVectors + 1} * Vec<A>::kSize;
   alignas(64) A wide_rows[kWiden ? kShortGroup : 1][kWiden ? kWideStride : 1];
@@ -952,6 +1043,12 @@ void fwd_rows_impl(const FwdParams& p, const P* w, const P* b, int64_t begin, in
         } else {
           for (int k = 0; k < g; ++k) dot_moments_short<1, T>(xs + k, N, moments + k);
         }
+      } else if constexpr (kSums) {
+        if (g == kShortGroup) {
+          sum_moments_short<kShortGroup, T>(xs, N, moments);
+        } else {
+          for (int k = 0; k < g; ++k) sum_moments_short<1, T>(xs + k, N, moments + k);
+        }
       } else if constexpr (K == NormKind::kLayerNorm) {
         if (widen) {
           if (g == kShortGroup) {
@@ -982,6 +1079,8 @@ void fwd_rows_impl(const FwdParams& p, const P* w, const P* b, int64_t begin, in
           mo = moments[k];
         } else if constexpr (kDot) {
           mo = dot_moments_long(st.x, N);
+        } else if constexpr (kSums) {
+          mo = sum_moments_long(st.x, N);
         } else {
           mo = moments_long_fwd<T>(st.x, N);
         }
@@ -1007,7 +1106,7 @@ void fwd_rows_impl(const FwdParams& p, const P* w, const P* b, int64_t begin, in
     if (g == 1 && !short_rows) {
       const RowState& st = rows[0];
       if (!st.done) {
-        if (kDot && st.shift == A(0)) {
+        if (kUnshifted && st.shift == A(0)) {
           apply_row<K, kW, kB, kStream, true>(st.x, w, b, st.y, N, st.shift, st.mean, st.rstd);
         } else {
           apply_row<K, kW, kB, kStream>(st.x, w, b, st.y, N, st.shift, st.mean, st.rstd);
@@ -1035,7 +1134,7 @@ void fwd_rows_impl(const FwdParams& p, const P* w, const P* b, int64_t begin, in
         if (widen) {
           apply_row<K, kW, kB, kStream, true>(wide[k] + j, wj, bj, st.y + j, len, st.shift, st.mean,
                                               st.rstd, pf_x, pf_res);
-        } else if (kDot && st.shift == A(0)) {
+        } else if (kUnshifted && st.shift == A(0)) {
           apply_row<K, kW, kB, kStream, true>(st.x + j, wj, bj, st.y + j, len, st.shift, st.mean,
                                               st.rstd, pf_x, pf_res);
         } else {
