@@ -741,23 +741,23 @@ constexpr int kShortGroup = 4;
 // Numerics. The sums are not shifted by x0, so M2 = sum(x^2) - sum(x) * mean is the one-pass
 // variance of moments_long_fwd, kept under the same cancellation test (mean^2 <= 4 var: relative
 // error ~9 eps times the blocked sum's log N); rows with a large mean, the reason for the shift,
-// fail it and take Welford. vdpbf16ps reads subnormal inputs as zero and
-// flushes subnormal results, which moves a sum by at most 2^-126 per element: invisible once the
-// row's sum of squares is at least kDotMinSquares (std >= 2^-31 / sqrt(N) under the test). Rows
-// outside the tests (a large mean, tiny values, non-finite sums) are recomputed by Welford, the
-// row being in cache; rows that pass get shift 0, and the apply pass reads x itself.
+// fail it. vdpbf16ps reads subnormal inputs as zero and flushes subnormal results, which moves a
+// sum by at most 2^-126 per element: invisible once the row's sum of squares is at least
+// kOnePassMinSquares (std >= 2^-31 / sqrt(N) under the test). Rows outside the tests (a large
+// mean, tiny values, non-finite sums) are recomputed by Welford, the row being in cache, and keep
+// Welford's shift; rows that pass get shift 0, and the apply pass reads x itself.
 // RMSNorm keeps the widened sum of squares: its 16-bit results are bitwise those of the fp32
 // computation on the upcast tensors (test_f16_low_precision_is_fp32_rounded_once), which a
 // pairwise dot-product order would break.
-constexpr float kDotMinSquares = 0x1p-60f;
+constexpr float kOnePassMinSquares = 0x1p-60f;
 
 // Moments from sum(x) and sum(x^2), or Welford where a test above fails.
 template <typename T>
-inline RowMoments<float> dot_moments(const T* x, int64_t N, float sum, float squares) {
+inline RowMoments<float> one_pass_moments(const T* x, int64_t N, float sum, float squares) {
   const float mean = sum / static_cast<float>(N);
   const float cross = sum * mean;
   const float m2 = squares - cross;
-  if (squares >= kDotMinSquares && std::isfinite(squares) && m2 >= 0.0f && cross <= 4.0f * m2)
+  if (squares >= kOnePassMinSquares && std::isfinite(squares) && m2 >= 0.0f && cross <= 4.0f * m2)
       [[likely]] {
     return {0.0f, mean, welford_variance(m2, N)};
   }
@@ -803,7 +803,7 @@ inline RowMoments<float> sum_moments_long(const T* x, int64_t N) {
   }
   float sums[2];
   cascade_finish(cs, sums);
-  return dot_moments(x, N, sums[0], sums[1]);
+  return one_pass_moments(x, N, sums[0], sums[1]);
 }
 
 template <int R, typename T>
@@ -837,7 +837,7 @@ inline void sum_moments_short(const T* const* xs, int64_t N, RowMoments<float>* 
       s = s + xv;
       q = madd(xv, xv, q);
     }
-    out[k] = dot_moments(xs[k], N, s.sum(), q.sum());
+    out[k] = one_pass_moments(xs[k], N, s.sum(), q.sum());
   }
 }
 
@@ -888,7 +888,7 @@ inline RowMoments<float> dot_moments_long(const T* x, int64_t N) {
   }
   float sums[2];
   cascade_finish(cs, sums);
-  return dot_moments(x, N, sums[0], sums[1]);
+  return one_pass_moments(x, N, sums[0], sums[1]);
 }
 
 // Short rows (at most kChunk vectors: no cascade), R at once, each row with the instructions of
@@ -927,7 +927,7 @@ inline void dot_moments_short(const T* const* xs, int64_t N, RowMoments<float>* 
       s = _mm512_add_ps(_mm512_dpbf16_ps(_mm512_setzero_ps(), xv, ones), s);
       q = _mm512_add_ps(_mm512_dpbf16_ps(_mm512_setzero_ps(), xv, xv), q);
     }
-    out[k] = dot_moments(xs[k], N, _mm512_reduce_add_ps(s), _mm512_reduce_add_ps(q));
+    out[k] = one_pass_moments(xs[k], N, _mm512_reduce_add_ps(s), _mm512_reduce_add_ps(q));
   }
 }
 #else
@@ -1000,10 +1000,9 @@ void fwd_rows_impl(const FwdParams& p, const P* w, const P* b, int64_t begin, in
   // only once, gains nothing.
   // Only with 16 lanes (AVX-512): on the 8-lane AVX2 path the saving did not show, and fp16,
   // whose widening is one instruction, measured 5-13% slower.
-  // bf16 rows with AVX512-BF16 take their statistics by dot products (dot_sums) and the apply
-  // pass re-reads them as stored.
   // fp16 LayerNorm with AVX-512 takes the unshifted sums of widened vectors (sum_moments_*), bf16
-  // with AVX512-BF16 dot products (dot_moments_*); either re-reads the row as stored.
+  // with AVX512-BF16 dot products (dot_moments_*); either re-reads the row as stored. (AVX2 keeps
+  // its exact two-pass short rows: the sums were not measured there.)
   constexpr bool kDot = kDotStats && K == NormKind::kLayerNorm && std::is_same_v<T, BFloat16>;
   constexpr bool kSums =
       K == NormKind::kLayerNorm && std::is_same_v<T, Half> && Vec<A>::kSize >= 16;
