@@ -419,6 +419,57 @@ inline void cascade_finish(const CascadeSum<V, S>& cs, A* out) {
   for (int s = 0; s < S; ++s) out[s] = acc[s].sum();
 }
 
+// sum(d) and sum(d^2) of a long row, d = x - shift (kShift) or x: two accumulators per chunk
+// of kChunk vectors, chunk totals into the cascade, the masked partial vector last.
+template <bool kShift, typename T, typename A = acc_t<T>>
+inline void long_row_sums(const T* x, int64_t N, A shift, A* sums) {
+  using V = Vec<A>;
+  constexpr int L = V::kSize;
+  const int64_t nfull = N / L;
+  const int tail = static_cast<int>(N % L);
+  const V vshift = V::set1(shift);
+  auto load = [&](int64_t v) {
+    const V xv = V::load(x + v * L);
+    if constexpr (kShift) {
+      return xv - vshift;
+    } else {
+      return xv;
+    }
+  };
+  CascadeSum<V, 2> cs;
+  int64_t v = 0;
+  while (v < nfull) {
+    const int64_t chunk_end = std::min(nfull, v + kChunk);
+    V s[2] = {V::zero(), V::zero()};
+    V q[2] = {V::zero(), V::zero()};
+    for (; v + 2 <= chunk_end; v += 2) {
+      for (int u = 0; u < 2; ++u) {
+        const V d = load(v + u);
+        s[u] = s[u] + d;
+        q[u] = madd(d, d, q[u]);
+      }
+    }
+    if (v < chunk_end) {
+      const V d = load(v);
+      s[0] = s[0] + d;
+      q[0] = madd(d, d, q[0]);
+      ++v;
+    }
+    cs.chunk[0] = s[0] + s[1];
+    cs.chunk[1] = q[0] + q[1];
+    cs.in_chunk = kChunk - 1;
+    cs.step();
+  }
+  if (tail > 0) {
+    // Lanes >= tail load as zero; shifted, they are masked off again.
+    V d = V::load_partial(x + nfull * L, tail);
+    if constexpr (kShift) d = (d - vshift).first(tail);
+    cs.chunk[0] = cs.chunk[0] + d;
+    cs.chunk[1] = madd(d, d, cs.chunk[1]);
+  }
+  cascade_finish(cs, sums);
+}
+
 // Long 16-bit rows: sum(d) and sum(d^2) of d = x - x0 in one pass (blocked like RMSNorm's sum
 // of squares), M2 = sum(d^2) - sum(d) * mean(d). Welford's update takes five dependent vector
 // operations per vector where this takes two, and the statistics pass is half the row's
@@ -431,43 +482,9 @@ inline RowMoments<A> moments_long_fwd(const T* x, int64_t N) {
   if constexpr (std::is_same_v<T, A>) {
     return moments_long<T>(x, N);
   } else {
-    using V = Vec<A>;
-    constexpr int L = V::kSize;
-    const int64_t nfull = N / L;
-    const int tail = static_cast<int>(N % L);
     const A shift = load_acc(x);
-    const V vshift = V::set1(shift);
-    CascadeSum<V, 2> cs;
-    int64_t v = 0;
-    while (v < nfull) {
-      const int64_t chunk_end = std::min(nfull, v + kChunk);
-      V s[2] = {V::zero(), V::zero()};
-      V q[2] = {V::zero(), V::zero()};
-      for (; v + 2 <= chunk_end; v += 2) {
-        for (int u = 0; u < 2; ++u) {
-          const V d = V::load(x + (v + u) * L) - vshift;
-          s[u] = s[u] + d;
-          q[u] = madd(d, d, q[u]);
-        }
-      }
-      if (v < chunk_end) {
-        const V d = V::load(x + v * L) - vshift;
-        s[0] = s[0] + d;
-        q[0] = madd(d, d, q[0]);
-        ++v;
-      }
-      cs.chunk[0] = s[0] + s[1];
-      cs.chunk[1] = q[0] + q[1];
-      cs.in_chunk = kChunk - 1;
-      cs.step();
-    }
-    if (tail > 0) {
-      const V d = (V::load_partial(x + nfull * L, tail) - vshift).first(tail);
-      cs.chunk[0] = cs.chunk[0] + d;
-      cs.chunk[1] = madd(d, d, cs.chunk[1]);
-    }
     A sums[2];
-    cascade_finish(cs, sums);
+    long_row_sums<true>(x, N, shift, sums);
     const A mean = sums[0] / static_cast<A>(N);
     const A cross = sums[0] * mean;
     const A m2 = sums[1] - cross;
@@ -768,42 +785,26 @@ inline RowMoments<float> one_pass_moments(const T* x, int64_t N, float sum, floa
 // moments_short (short rows, R at once with the one-row instructions).
 template <typename T>
 inline RowMoments<float> sum_moments_long(const T* x, int64_t N) {
-  using V = Vec<float>;
-  constexpr int L = V::kSize;
-  const int64_t nfull = N / L;
-  const int tail = static_cast<int>(N % L);
-  CascadeSum<V, 2> cs;
-  int64_t v = 0;
-  while (v < nfull) {
-    const int64_t chunk_end = std::min(nfull, v + kChunk);
-    V s[2] = {V::zero(), V::zero()};
-    V q[2] = {V::zero(), V::zero()};
-    for (; v + 2 <= chunk_end; v += 2) {
-      for (int u = 0; u < 2; ++u) {
-        const V xv = V::load(x + (v + u) * L);
-        s[u] = s[u] + xv;
-        q[u] = madd(xv, xv, q[u]);
-      }
-    }
-    if (v < chunk_end) {
-      const V xv = V::load(x + v * L);
-      s[0] = s[0] + xv;
-      q[0] = madd(xv, xv, q[0]);
-      ++v;
-    }
-    cs.chunk[0] = s[0] + s[1];
-    cs.chunk[1] = q[0] + q[1];
-    cs.in_chunk = kChunk - 1;
-    cs.step();
-  }
-  if (tail > 0) {
-    const V xv = V::load_partial(x + nfull * L, tail);  // lanes >= tail read as zero
-    cs.chunk[0] = cs.chunk[0] + xv;
-    cs.chunk[1] = madd(xv, xv, cs.chunk[1]);
-  }
   float sums[2];
-  cascade_finish(cs, sums);
+  long_row_sums<false>(x, N, 0.0f, sums);
   return one_pass_moments(x, N, sums[0], sums[1]);
+}
+
+// The visiting order of the unshifted short-row sums: vectors in pairs, the even one into a
+// row's accumulator 0 and the odd one into 1, rows interleaved within each pair, a leftover
+// vector into 0. step(k, v, odd) adds vector v of row k.
+template <int R, typename Step>
+inline void visit_short_rows(int64_t nfull, Step step) {
+  int64_t v = 0;
+  for (; v + 2 <= nfull; v += 2) {
+    for (int k = 0; k < R; ++k) {
+      step(k, v, 0);
+      step(k, v + 1, 1);
+    }
+  }
+  if (v < nfull) {
+    for (int k = 0; k < R; ++k) step(k, v, 0);
+  }
 }
 
 template <int R, typename T>
@@ -819,16 +820,9 @@ inline void sum_moments_short(const T* const* xs, int64_t N, RowMoments<float>* 
     s = s + xv;
     q = madd(xv, xv, q);
   };
-  int64_t v = 0;
-  for (; v + 2 <= nfull; v += 2) {
-    for (int k = 0; k < R; ++k) {
-      step(k, v, s0[k], q0[k]);
-      step(k, v + 1, s1[k], q1[k]);
-    }
-  }
-  if (v < nfull) {
-    for (int k = 0; k < R; ++k) step(k, v, s0[k], q0[k]);
-  }
+  visit_short_rows<R>(nfull, [&](int k, int64_t v, int odd) {
+    step(k, v, odd ? s1[k] : s0[k], odd ? q1[k] : q0[k]);
+  });
   for (int k = 0; k < R; ++k) {
     V s = s0[k] + s1[k];
     V q = q0[k] + q1[k];
@@ -909,16 +903,9 @@ inline void dot_moments_short(const T* const* xs, int64_t N, RowMoments<float>* 
     s = _mm512_dpbf16_ps(s, xv, ones);
     q = _mm512_dpbf16_ps(q, xv, xv);
   };
-  int64_t v = 0;
-  for (; v + 2 <= nfull; v += 2) {
-    for (int k = 0; k < R; ++k) {
-      step(k, v, s0[k], q0[k]);
-      step(k, v + 1, s1[k], q1[k]);
-    }
-  }
-  if (v < nfull) {
-    for (int k = 0; k < R; ++k) step(k, v, s0[k], q0[k]);
-  }
+  visit_short_rows<R>(nfull, [&](int k, int64_t v, int odd) {
+    step(k, v, odd ? s1[k] : s0[k], odd ? q1[k] : q0[k]);
+  });
   for (int k = 0; k < R; ++k) {
     __m512 s = _mm512_add_ps(s0[k], s1[k]);
     __m512 q = _mm512_add_ps(q0[k], q1[k]);
