@@ -182,6 +182,13 @@ template <typename A>
 // The same buffer for fp32 rows (a store per vector to save two subtractions) measured 7-20%
 // slower, so fp32 rows are re-read, and keep the two-pass variance (their output would see the
 // one-pass error).
+// The test every one-pass variance M2 = sum(d^2) - sum(d) * mean(d) must pass to be kept (its
+// cancellation is mild: mean(d)^2 <= 4 var, see moments_short); NaN sums fail it.
+template <typename A>
+inline bool one_pass_kept(A m2, A cross) {
+  return m2 >= A(0) && cross <= A(4) * m2;
+}
+
 template <int R, bool kSave, typename T, typename A = acc_t<T>>
 inline void moments_short(const T* const* xs, int64_t N, RowMoments<A>* out,
                           A* const* save = nullptr) {
@@ -247,7 +254,7 @@ inline void moments_short(const T* const* xs, int64_t N, RowMoments<A>* out,
       const A sq = (q0[k] + q1[k]).sum();
       const A cross = sum * out[k].mean;
       const A m2 = sq - cross;
-      if (m2 >= A(0) && cross <= A(4) * m2) {
+      if (one_pass_kept(m2, cross)) {
         out[k].var = welford_variance(m2, N);
       } else {
         out[k].var = saved_variance(save[k], N, out[k].mean);
@@ -488,7 +495,7 @@ inline RowMoments<A> moments_long_fwd(const T* x, int64_t N) {
     const A mean = sums[0] / static_cast<A>(N);
     const A cross = sums[0] * mean;
     const A m2 = sums[1] - cross;
-    if (m2 >= A(0) && cross <= A(4) * m2) {
+    if (one_pass_kept(m2, cross)) {
       return {shift, mean, welford_variance(m2, N)};
     }
     return moments_long<T>(x, N);
@@ -774,7 +781,7 @@ inline RowMoments<float> one_pass_moments(const T* x, int64_t N, float sum, floa
   const float mean = sum / static_cast<float>(N);
   const float cross = sum * mean;
   const float m2 = squares - cross;
-  if (squares >= kOnePassMinSquares && std::isfinite(squares) && m2 >= 0.0f && cross <= 4.0f * m2)
+  if (squares >= kOnePassMinSquares && std::isfinite(squares) && one_pass_kept(m2, cross))
       [[likely]] {
     return {0.0f, mean, welford_variance(m2, N)};
   }
