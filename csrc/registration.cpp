@@ -9,6 +9,7 @@
 #include <torch/library.h>
 
 #include "cpu/isa.h"
+#include "cpu/stream_policy.h"
 
 namespace layernorm_ext {
 
@@ -105,6 +106,10 @@ TORCH_LIBRARY(layernorm_ext, m) {
   m.def("available_cpu_capabilities() -> str[]", [] { return cpu::available_capabilities(); });
   m.def("set_cpu_capability(str name) -> str",
         [](const std::string& name) { return cpu::set_capability(name); });
+  // Non-temporal output stores (see cpu/stream_policy.h).
+  m.def("cpu_stream_policy() -> str", [] { return cpu::stream_policy_name(); });
+  m.def("set_cpu_stream_policy(str name) -> str",
+        [](const std::string& name) { return cpu::set_stream_policy(name); });
 }
 
 }  // namespace layernorm_ext

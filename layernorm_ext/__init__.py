@@ -15,10 +15,12 @@ from .functional import (
     add_rms_norm,
     available_cpu_capabilities,
     cpu_capability,
+    cpu_stream_policy,
     has_cuda_kernels,
     layer_norm,
     rms_norm,
     set_cpu_capability,
+    set_cpu_stream_policy,
 )
 from .modules import LayerNorm, LlamaStyleRMSNorm, RMSNorm
 from .replace import replace_norms
@@ -32,9 +34,11 @@ __all__ = [
     "add_rms_norm",
     "available_cpu_capabilities",
     "cpu_capability",
+    "cpu_stream_policy",
     "has_cuda_kernels",
     "layer_norm",
     "replace_norms",
     "rms_norm",
     "set_cpu_capability",
+    "set_cpu_stream_policy",
 ]

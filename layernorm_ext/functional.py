@@ -17,10 +17,12 @@ __all__ = [
     "add_rms_norm",
     "available_cpu_capabilities",
     "cpu_capability",
+    "cpu_stream_policy",
     "has_cuda_kernels",
     "layer_norm",
     "rms_norm",
     "set_cpu_capability",
+    "set_cpu_stream_policy",
 ]
 
 _ops = torch.ops.layernorm_ext
@@ -237,6 +239,26 @@ def set_cpu_capability(name: str) -> str:
     benchmarks: switch between calls, not while other threads run ops.
     """
     return _ops.set_cpu_capability(name)
+
+
+def cpu_stream_policy() -> str:
+    """When large CPU forward outputs are written with non-temporal stores: ``"auto"``,
+    ``"on"`` or ``"off"``.
+
+    Streaming applies only once the input and the output together fill the last-level cache
+    (at least 32 MiB) and the output rows are 64-byte aligned; the values are bitwise those of
+    plain stores. ``"auto"`` (the default) streams on CPUs where it measured faster (AMD; on the
+    Intel Xeon measured, plain stores were faster), and not into freshly mapped outputs;
+    ``"on"`` streams every such output, ``"off"`` none. Set with the environment variable
+    ``LAYERNORM_EXT_CPU_STREAM`` (read on first use) or :func:`set_cpu_stream_policy`.
+    """
+    return _ops.cpu_stream_policy()
+
+
+def set_cpu_stream_policy(name: str) -> str:
+    """Sets the streaming policy (``"auto"``, ``"on"`` or ``"off"``) for the whole process;
+    returns the previous one. Meant for tests and benchmarks: switch between calls."""
+    return _ops.set_cpu_stream_policy(name)
 
 
 def has_cuda_kernels() -> bool:

@@ -123,3 +123,55 @@ def test_antisymmetry_without_affine(isa, gen):
             x = torch.randn(9, N, generator=gen).to(case.x)
             y = layernorm_ext.layer_norm(x, N)
             assert_bitwise_equal(layernorm_ext.layer_norm(-x, N), -y, f"[{isa} {case.id} N={N}]")
+
+
+# --- fp32 -> bf16 output rounding ---------------------------------------------------------------
+
+# fp32 bit patterns that a bf16 store must round exactly: ties to even (both parities), either
+# side of a tie, subnormals, values that round up into the next binade or to infinity, zeros,
+# infinities and NaNs of several payloads and signs.
+_TIES = [0x3F808000, 0x3F818000, 0x3F807FFF, 0x3F808001, 0xBF808000, 0xBF818000]  # and neighbours
+_CARRIES = [0x3FFFFFFF, 0x3F7F8000, 0x3F7FFFFF]  # round up into the next binade
+_SUBNORMALS = [0x00000001, 0x00008000, 0x00018000, 0x007FFFFF, 0x807F8000, 0x00400000]
+_LARGEST = [0x7F7FFFFF, 0x7F7F8000, 0x7F7F7FFF, 0xFF7F8000]  # two of them round to infinity
+_ZEROS_INFS = [0x00000000, 0x80000000, 0x7F800000, 0xFF800000]
+_NANS = [0x7FC00000, 0xFFC00000, 0x7F800001, 0x7FFFFFFF, 0xFFFFFFFF, 0x7FC00001, 0xFF800001]
+_BF16_ROUNDING_BITS = _TIES + _CARRIES + _SUBNORMALS + _LARGEST + _ZEROS_INFS + _NANS
+
+
+def _bf16_round_bits(bits: torch.Tensor) -> torch.Tensor:
+    """Round to nearest even of fp32 bit patterns (int64 holding uint32) to bf16 bits, NaN to the
+    canonical 0x7FC0: c10::BFloat16's rounding, written out on integers."""
+    rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) & 0xFFFF
+    nan = ((bits & 0x7F800000) == 0x7F800000) & ((bits & 0x007FFFFF) != 0)
+    return torch.where(nan, torch.full_like(rounded, 0x7FC0), rounded)
+
+
+@pytest.mark.parametrize("N", [1, 15, 16, 17, 31, 32, 33, 48, 63, 64, 65, 100, 1000, 1100, 4136])
+def test_bf16_output_rounding_is_exact(isa, N, gen):
+    """bf16 outputs are the fp32 results rounded to nearest even, subnormals kept and NaN
+    canonical, on every kernel set and at every position of a row (vector pairs, single vectors,
+    the masked tail). RMSNorm of a ±1 row with eps = 0 has rstd = 1 exactly, so with an fp32
+    weight y = ±w exactly in fp32 before the store, and w carries the bit patterns above."""
+    M = 5  # a group of four short rows and one alone
+    specials = torch.tensor(_BF16_ROUNDING_BITS, dtype=torch.int64)
+    random_bits = torch.randint(0, 2**32, (N,), generator=gen, dtype=torch.int64)
+    # The special patterns at every offset modulo 32 across the rows (rolled per row below).
+    w_bits = random_bits.clone()
+    w_bits[: min(N, len(specials))] = specials[: min(N, len(specials))]
+    signs = torch.randint(0, 2, (M, N), generator=gen) * 2 - 1
+    x = signs.to(torch.bfloat16)
+    for shift in range(0, 32, 7):
+        bits = torch.roll(w_bits, shift)
+        w = (bits - (bits >= 2**31).to(torch.int64) * 2**32).to(torch.int32).view(torch.float32)
+        y = layernorm_ext.rms_norm(x, (N,), w, eps=0.0)
+        # y = x * w: the sign bit flips where x = -1 (NaN lanes are canonical either way).
+        flip = (signs < 0).to(torch.int64) * 0x80000000
+        expected = _bf16_round_bits(bits.unsqueeze(0) ^ flip)
+        got = y.view(torch.int16).to(torch.int64) & 0xFFFF
+        bad = (got != expected).nonzero()
+        assert bad.numel() == 0, (
+            f"[{isa} N={N} shift={shift}] {bad.shape[0]} elements misrounded, first at "
+            f"{tuple(bad[0].tolist())}: fp32 {int((bits.unsqueeze(0) ^ flip)[tuple(bad[0])]):#010x}"
+            f" -> {int(got[tuple(bad[0])]):#06x}, expected {int(expected[tuple(bad[0])]):#06x}"
+        )

@@ -1,11 +1,20 @@
-"""Forward outputs whose problem (input + output) fills the last-level cache are written with
-non-temporal stores (CPU forward): caller-provided ones (out=, in-place) always, fresh ones when
-their memory is already mapped in (a fresh mapping takes plain stores). That changes only how y
-reaches memory: every row must be bitwise what the cached path gives for the same row (computed
-here in blocks below the threshold), for each op, with and without the alignment that streaming
-needs, on the best and the portable kernel set, and for fresh outputs either way."""
+"""Forward outputs whose problem (input + output) fills the last-level cache may be written with
+non-temporal stores (CPU forward): under the default policy on CPUs where that measured faster
+(AMD), caller-provided ones (out=, in-place) always and fresh ones when their memory is already
+mapped in; under the "on" policy every aligned one. That changes only how y reaches memory: every
+row must be bitwise what the cached path gives for the same row (computed here in blocks below
+the threshold), for each op, with and without the alignment that streaming needs, on the best and
+the portable kernel set, and for fresh outputs either way. The tests force the "on" policy, so
+the streamed path runs on every CPU."""
 
 from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +24,17 @@ import layernorm_ext
 
 STREAM_BYTES = 64 << 20  # output alone >= the streaming threshold: max(last-level cache, 32 MiB)
 BLOCK_ROWS = 256  # blocks far below the threshold: the cached path
+
+
+@contextlib.contextmanager
+def stream_policy(name: str) -> Iterator[None]:
+    """Runs the body under the CPU streaming policy ``name``; restores the previous one."""
+    previous = layernorm_ext.set_cpu_stream_policy(name)
+    try:
+        assert layernorm_ext.cpu_stream_policy() == name
+        yield
+    finally:
+        layernorm_ext.set_cpu_stream_policy(previous)
 
 
 def _blocks(fn, M: int) -> torch.Tensor:
@@ -53,7 +73,7 @@ def test_streamed_output_is_bitwise_the_cached_one(isa, dtype, N):
     w = torch.randn(N, generator=g).to(dtype)
     b = torch.randn(N, generator=g).to(dtype)
     name = layernorm_ext.available_cpu_capabilities()[0] if isa == "best" else "scalar"
-    with use_isa(name):
+    with use_isa(name), stream_policy("on"):
         for op, fn in _ops(x, r, N, w, b).items():
             y = fn(slice(None))
             assert y.numel() * y.element_size() >= STREAM_BYTES
@@ -72,6 +92,54 @@ def test_streamed_out_into_a_view_with_offset():
     x = torch.randn(M, N, generator=g)
     buf = torch.empty(M * N + 1)
     out = buf[1:].view(M, N)
-    layernorm_ext.layer_norm(x, N, out=out)
+    with stream_policy("on"):
+        layernorm_ext.layer_norm(x, N, out=out)
     blocks = _blocks(lambda s: layernorm_ext.layer_norm(x[s], N), M)
     assert_bitwise_equal(out, blocks, "offset out")
+
+
+@pytest.mark.parametrize("policy", ["auto", "off"])
+def test_other_stream_policies_give_the_same_bits(policy):
+    """The default policy (plain stores on this CPU unless it is an AMD one) and "off" write the
+    bits that "on" writes."""
+    N, M = 4096, STREAM_BYTES // (4096 * 2) + 3
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(M, N, generator=g).to(torch.bfloat16)
+    w = torch.randn(N, generator=g).to(torch.bfloat16)
+    with stream_policy("on"):
+        streamed = layernorm_ext.layer_norm(x, N, w, out=torch.empty_like(x))
+    with stream_policy(policy):
+        assert_bitwise_equal(
+            layernorm_ext.layer_norm(x, N, w, out=torch.empty_like(x)), streamed, policy
+        )
+
+
+def test_stream_policy_names_and_errors():
+    assert layernorm_ext.cpu_stream_policy() in ("auto", "on", "off")
+    with pytest.raises(RuntimeError, match="is not a streaming policy"):
+        layernorm_ext.set_cpu_stream_policy("sometimes")
+    with stream_policy("off"):
+        assert layernorm_ext.set_cpu_stream_policy("on") == "off"
+        assert layernorm_ext.cpu_stream_policy() == "on"
+
+
+def _package_root() -> str:
+    """The directory holding the layernorm_ext package under test, for a subprocess."""
+    return str(Path(layernorm_ext.__file__).resolve().parent.parent)
+
+
+@pytest.mark.parametrize(("value", "expected"), [("off", "off"), ("on", "on"), ("", "auto")])
+def test_stream_policy_from_the_environment(value, expected):
+    env = {**os.environ, "LAYERNORM_EXT_CPU_STREAM": value, "PYTHONPATH": _package_root()}
+    code = "import layernorm_ext as L; print(L.cpu_stream_policy())"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == expected
+
+
+def test_stream_policy_environment_error_is_clear():
+    env = {**os.environ, "LAYERNORM_EXT_CPU_STREAM": "always", "PYTHONPATH": _package_root()}
+    code = "import layernorm_ext as L; L.cpu_stream_policy()"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.returncode != 0
+    assert "LAYERNORM_EXT_CPU_STREAM = 'always' is not a streaming policy" in out.stderr

