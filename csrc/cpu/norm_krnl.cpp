@@ -579,27 +579,24 @@ inline void apply_row(const T* x, const P* w, const P* b, T* y, int64_t N, A shi
   int64_t i = 0;
   // Two copies of the loop, so that the common one carries no prefetch test (two compares and
   // branches per vector measured +16% on the 8-lane AVX2 path).
+  // One vector at element i, after prefetching the next rows' line there when asked.
+  auto vec_at = [&](int64_t i, auto prefetch) {
+    if constexpr (decltype(prefetch)::value) {
+      prefetch_l2(prefetch_a + i);
+      if (prefetch_b != nullptr) prefetch_l2(prefetch_b + i);
+    }
+    return apply_vec<K, kW, kB, kNoShift, V, T>(V::load(x + i), w, b, i, -1, vshift, vmean, vrstd);
+  };
   auto body = [&](auto prefetch) {
     if constexpr (kPairStores<V, T>) {
       for (; i + 2 * L <= N; i += 2 * L) {
-        if constexpr (decltype(prefetch)::value) {
-          prefetch_l2(prefetch_a + i);
-          if (prefetch_b != nullptr) prefetch_l2(prefetch_b + i);
-        }
-        const V lo =
-            apply_vec<K, kW, kB, kNoShift, V, T>(V::load(x + i), w, b, i, -1, vshift, vmean, vrstd);
-        const V hi = apply_vec<K, kW, kB, kNoShift, V, T>(V::load(x + i + L), w, b, i + L, -1,
-                                                          vshift, vmean, vrstd);
+        const V lo = vec_at(i, prefetch);
+        const V hi = vec_at(i + L, std::false_type{});  // the same 64-byte line of 16-bit x
         store_pair<kStream>(lo, hi, y + i);
       }
     }
     for (; i + L <= N; i += L) {
-      if constexpr (decltype(prefetch)::value) {
-        prefetch_l2(prefetch_a + i);
-        if (prefetch_b != nullptr) prefetch_l2(prefetch_b + i);
-      }
-      const V out =
-          apply_vec<K, kW, kB, kNoShift, V, T>(V::load(x + i), w, b, i, -1, vshift, vmean, vrstd);
+      const V out = vec_at(i, prefetch);
       if constexpr (kStream) {
         store_stream(out, y + i);
       } else {

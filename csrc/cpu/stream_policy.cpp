@@ -35,10 +35,10 @@ StreamPolicy parse(const std::string& name, const char* origin) {
 // Non-temporal stores skip the read-for-ownership of every output line, a third of a
 // normalisation's memory traffic, but each core then drains its write-combining buffers to
 // memory itself. Measured with 2 threads, out= into a 64-byte-aligned buffer, plain vs streamed,
-// two runs each (ms):
+// two runs each:
 //  * AMD EPYC (Zen 4, 2-vCPU VM): streaming faster, e.g. fp16 16384 x 768 0.53-0.56 -> 0.60-0.84
 //    and fp32 2048 x 2048 0.37-0.43 -> 0.66-0.78 of copy_'s bandwidth;
-//  * Intel Xeon (Skylake-SP, 2-vCPU VM, 2026-11-27): streaming slower, fp32 2048 x 4096
+//  * Intel Xeon (Skylake-SP, 2-vCPU VM, 2026-11-27): streaming slower (ms), fp32 2048 x 4096
 //    4.17-4.22 -> 4.47-4.64, fp32 16384 x 1024 7.19-7.34 -> 7.47-7.50, bf16 16384 x 768
 //    3.03-3.04 -> 3.46-3.74, bf16 16384 x 4096 19.1-19.4 -> 21.6-22.2, fp16 16384 x 4096
 //    16.2-16.5 -> 19.9-20.4 (copy_ of the same bytes: 2.98, 6.2, 2.2, 12.4, 12.3).
