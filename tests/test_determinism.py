@@ -9,6 +9,7 @@ from norm_testing import (
     DTYPE_CASES,
     DTYPE_IDS,
     assert_bitwise_equal,
+    fwd_tol,
     make_input,
     make_params,
     num_threads,
@@ -173,3 +174,36 @@ def test_large_inputs_match_small_batches(isa, dtype, gen):
     torch.testing.assert_close(dw.double(), (dy64 * xhat).sum(0), **tol)
     torch.testing.assert_close(db.double(), dy64.sum(0), **tol)
     torch.testing.assert_close(dw_rms.double(), (dy64 * xhat_rms).sum(0), **tol)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "N"),
+    [(torch.float32, 2048), (torch.float32, 4096), (torch.bfloat16, 4096), (torch.float16, 4096)],
+    ids=["fp32-2048", "fp32-4096", "bf16-4096", "fp16-4096"],
+)
+def test_large_inputs_with_long_rows_match_small_batches(isa, dtype, N, gen):
+    """Long rows from beyond L2 may fetch the next rows into L2 during the apply pass (whole rows
+    at N = 2048 fp32, row groups applied tile by tile at N = 4096; norm_cpu.cpp,
+    use_long_row_prefetch), the fused add also the next residual rows. Only where memory is
+    touched changes: y and residual_out of every row are bitwise those of a small batch, and y
+    matches a float64 reference."""
+    ext = torch.ops.layernorm_ext
+    M = (32 << 20) // (N * dtype.itemsize) + 3  # 32 MiB of x and a partial last group
+    x = torch.randn(M, N, generator=gen).to(dtype)
+    r = torch.randn(M, N, generator=gen).to(dtype)
+    w = torch.randn(N, generator=gen).to(dtype)
+    b = torch.randn(N, generator=gen).to(dtype)
+    y, y_rms = ext.layer_norm(x, [N], w, b), ext.rms_norm(x, [N], w)
+    y_add, s_add = ext.add_layer_norm(x, r, [N], w, b)
+    for start in (0, 5, M // 2 + 1, M - 9):
+        s = slice(start, start + 9)
+        label = f"[{isa} N={N}] rows {start}.."
+        assert_bitwise_equal(ext.layer_norm(x[s], [N], w, b), y[s], f"{label} layer_norm")
+        assert_bitwise_equal(ext.rms_norm(x[s], [N], w), y_rms[s], f"{label} rms_norm")
+        got, got_s = ext.add_layer_norm(x[s], r[s], [N], w, b)
+        assert_bitwise_equal(got, y_add[s], f"{label} add_layer_norm")
+        assert_bitwise_equal(got_s, s_add[s], f"{label} add_layer_norm residual_out")
+    rows = slice(M - 9, M)
+    ref = torch.nn.functional.layer_norm(x[rows].double(), [N], w.double(), b.double())
+    atol, rtol = fwd_tol(dtype)
+    torch.testing.assert_close(y[rows].double(), ref, atol=atol, rtol=rtol)

@@ -91,6 +91,15 @@ const KernelTable& active_table() {
 
 std::string capability() { return active_table().name; }
 
+bool is_amd() {
+#if defined(__x86_64__) || defined(_M_X64)
+  static const bool amd = __builtin_cpu_is("amd");
+  return amd;
+#else
+  return false;
+#endif
+}
+
 std::vector<std::string> available_capabilities() {
   std::vector<std::string> out;
   for (const IsaEntry& e : kIsas) {

@@ -16,6 +16,10 @@ const KernelTable& active_table();
 // Name of the table in use ("avx512_bf16", "avx512", "avx2" or "scalar").
 std::string capability();
 
+// Whether the running CPU is an AMD one: a few memory-access choices (non-temporal stores,
+// software prefetch of long rows) measured opposite ways on AMD and Intel CPUs.
+bool is_amd();
+
 // Every ISA this build has and this CPU can run, best first.
 std::vector<std::string> available_capabilities();
 

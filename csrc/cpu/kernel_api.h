@@ -57,6 +57,9 @@ struct FwdParams {
   // inputs larger than twice the L2. Short rows are read from memory only in their first pass;
   // without it memory sits idle during the two passes that run from L1.
   bool prefetch_x = false;
+  // The same for long rows (more than kShortRowVectors vectors), whose statistics pass streams
+  // far enough ahead for the hardware prefetcher on some CPUs and not on others (norm_cpu.cpp).
+  bool prefetch_long_rows = false;
 };
 
 // Backward over rows [begin, end): dx for each row, and the per-column partial sums of

@@ -5,6 +5,8 @@
 #include <atomic>
 #include <cstdlib>
 
+#include "isa.h"
+
 namespace layernorm_ext::cpu {
 namespace {
 
@@ -43,14 +45,7 @@ StreamPolicy parse(const std::string& name, const char* origin) {
 //    3.03-3.04 -> 3.46-3.74, bf16 16384 x 4096 19.1-19.4 -> 21.6-22.2, fp16 16384 x 4096
 //    16.2-16.5 -> 19.9-20.4 (copy_ of the same bytes: 2.98, 6.2, 2.2, 12.4, 12.3).
 // So the default streams on AMD only; LAYERNORM_EXT_CPU_STREAM=on|off overrides it elsewhere.
-bool streams_by_default() {
-#if defined(__x86_64__) || defined(_M_X64)
-  static const bool amd = __builtin_cpu_is("amd");
-  return amd;
-#else
-  return false;
-#endif
-}
+bool streams_by_default() { return is_amd(); }
 
 StreamPolicy stream_policy() {
   int p = g_policy.load(std::memory_order_relaxed);
