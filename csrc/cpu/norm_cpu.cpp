@@ -142,8 +142,8 @@ bool use_prefetch(const FwdProblem& p) {
 }
 
 // Long rows (more than 64 vectors) from beyond L2 also fetch the next rows into L2 during the
-// apply pass, except on AMD CPUs (measured slower on the Zen 4 VM, whose hardware prefetcher
-// keeps up with the statistics pass). Measured on the Intel Xeon (Skylake-SP) 2-vCPU VM,
+// apply pass, except on AMD CPUs (an earlier note, without figures, found it slower on the
+// Zen 4 VM; not re-measured). Measured on the Intel Xeon (Skylake-SP) 2-vCPU VM,
 // 2 threads, out= against copy_ of the same bytes, fraction of copy_'s bandwidth without ->
 // with, two or three runs: LayerNorm fp32 2048 x 4096 0.71-0.76 -> 0.79-0.82, 4096 x 2048
 // 0.76-0.77 -> 0.82-0.83, 16384 x 4096 0.74-0.76 -> 0.78-0.82; bf16 4096 x 2048 0.56-0.59 ->
