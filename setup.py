@@ -162,6 +162,13 @@ LINEINFO = ["-lineinfo"] if env_flag("LAYERNORM_EXT_LINEINFO") or DEBUG else []
 nvcc_flags = [*OPT, *LINEINFO, "--expt-relaxed-constexpr", "-Xcompiler", "-fPIC"]
 define_macros = [("LNEXT_WITH_CUDA", None)] if with_cuda else []
 link_args = [str(omp_runtime)] if omp_runtime else []
+if sys.platform.startswith("linux"):
+    # Symbols of any static archive linked in stay private to this library. A toolchain wrapper
+    # may link libstdc++ statically (-static-libstdc++); exported, that copy's functions run on
+    # the data of the process's shared libstdc++ (its locale facets, whose layout differs between
+    # versions), so streams inside this library misbehave: ostringstream dropped every number
+    # of a TORCH_CHECK message, and std::ifstream read nothing (reproduced with g++ 12).
+    link_args.append("-Wl,--exclude-libs,ALL")
 
 Extension = CUDAExtension if with_cuda else CppExtension
 ext_modules = [

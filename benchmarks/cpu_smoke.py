@@ -91,6 +91,15 @@ def debugger() -> list[str] | None:
     return None
 
 
+def native_report(text: str, width: int = 400) -> str:
+    """The debugger's output from the signal on (frame #0 first), each line cut to `width`
+    characters: template-heavy frames run to thousands of characters, and a plain tail of the
+    output lost the innermost frames."""
+    lines = text.splitlines()
+    start = next((i for i, line in enumerate(lines) if "received signal" in line), 0)
+    return "\n".join(line[:width] for line in lines[start:])
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--child", choices=["plain", "cuda-first"], help=argparse.SUPPRESS)
@@ -105,6 +114,7 @@ def main() -> int:
     isas = list(torch.ops.layernorm_ext.available_cpu_capabilities())
     modes = ["plain"] + (["cuda-first"] if torch.cuda.is_available() else [])
     failed = 0
+    debugged = False
     for isa in isas:
         for mode in modes:
             env = dict(os.environ, LAYERNORM_EXT_CPU_ISA=isa, PYTHONFAULTHANDLER="1")
@@ -116,12 +126,15 @@ def main() -> int:
                 failed += 1
                 print(proc.stdout[-3000:] + proc.stderr[-3000:])
                 gdb = debugger()
-                if proc.returncode < 0 and gdb is not None:
+                # One debugger run (the first crash): it costs ~20 s, and on a lent GPU machine
+                # every second counts; later crashes are listed with their Python stacks.
+                if proc.returncode < 0 and gdb is not None and not debugged:
+                    debugged = True
                     dbg = subprocess.run(
                         gdb + cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300
                     )
                     print(f"-- native backtrace ({Path(gdb[0]).name}):")
-                    print(dbg.stdout[-6000:] + dbg.stderr[-2000:])
+                    print(native_report(dbg.stdout + dbg.stderr))
     print(f"cpu_smoke.py: {len(isas) * len(modes) - failed}/{len(isas) * len(modes)} cases passed")
     return 1 if failed else 0
 

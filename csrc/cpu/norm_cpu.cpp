@@ -7,11 +7,11 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdio>
 #include <cstring>
-#include <fstream>
-#include <string>
 
 #if defined(__linux__)
+#include <fcntl.h>
 #include <sys/mman.h>
 #include <unistd.h>
 #endif
@@ -50,21 +50,49 @@ struct CacheSizes {
   int64_t last_level = 0;  // the largest cache of level >= 2
 };
 
+// The first number in a small text file, scaled by a K / M / G suffix; 0 if unreadable.
+// Plain POSIX reads, not iostreams. The lent GPU machine's first CPU call (which reads these
+// files) crashed inside std::codecvt::do_unshift, called virtually: the mark of a libstdc++
+// linked statically into this library (that machine's g++ is a wrapper) whose exported streams
+// run on the process's other libstdc++'s locale data. Reproduced here with -static-libstdc++:
+// std::ifstream read nothing. The builds now keep such a copy private (--exclude-libs); these
+// reads no longer depend on it either way.
+int64_t read_scaled_number(const char* path) {
+#if defined(__linux__)
+  const int fd = ::open(path, O_RDONLY | O_CLOEXEC);
+  if (fd < 0) {
+    return 0;
+  }
+  char text[64] = {};
+  const ssize_t got = ::read(fd, text, sizeof(text) - 1);
+  ::close(fd);
+  int64_t value = 0;
+  ssize_t i = 0;
+  for (; i < got && text[i] >= '0' && text[i] <= '9' && value < (int64_t{1} << 40); ++i) {
+    value = value * 10 + (text[i] - '0');
+  }
+  if (i < got) {
+    const char unit = text[i];
+    value <<= unit == 'K' ? 10 : unit == 'M' ? 20 : unit == 'G' ? 30 : 0;
+  }
+  return value;
+#else
+  (void)path;
+  return 0;
+#endif
+}
+
 CacheSizes read_cache_sizes() {
   CacheSizes c;
   for (int index = 0; index < 8; ++index) {
-    const std::string dir = "/sys/devices/system/cpu/cpu0/cache/index" + std::to_string(index);
-    std::ifstream size_file(dir + "/size");
-    std::ifstream level_file(dir + "/level");
-    int64_t size = 0;
-    int level = 0;
-    char unit = 0;
-    if (!(size_file >> size) || !(level_file >> level)) {
+    char path[96];
+    std::snprintf(path, sizeof(path), "/sys/devices/system/cpu/cpu0/cache/index%d/level", index);
+    const int64_t level = read_scaled_number(path);
+    std::snprintf(path, sizeof(path), "/sys/devices/system/cpu/cpu0/cache/index%d/size", index);
+    const int64_t size = read_scaled_number(path);
+    if (level == 0 || size == 0) {
       continue;
     }
-    size_file >> unit;
-    if (unit == 'K') size <<= 10;
-    if (unit == 'M') size <<= 20;
     if (level == 2) c.l2 = std::max(c.l2, size);
     if (level >= 2) c.last_level = std::max(c.last_level, size);
   }
