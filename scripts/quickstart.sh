@@ -27,7 +27,7 @@ fi
 py="$(cd "$venv" && pwd)/bin/python"
 
 echo "== installing build and test requirements"
-"$py" -m pip install -q "torch>=2.11" ninja "setuptools>=64" wheel packaging \
+"$py" -m pip install -q "torch>=2.11" ninja "setuptools>=77" wheel packaging \
   pytest hypothesis expecttest numpy ruff
 
 # Rebuild only when a source file changed since the last successful install.
