@@ -701,8 +701,16 @@ template <NormKind K, WMode kW, bool kB, typename T, typename P, typename A = ac
 // whose x rows are still in L2. Only the loop order changes: every element is computed by the
 // same instructions as in a whole-row apply (tiles are whole vectors), so results never depend
 // on the grouping, i.e. on how rows are split across tasks.
+// The x rows in L2 at once are at most kGroupBytes: one group, or, where the apply pass
+// prefetches the next group's rows (FwdParams::prefetch_long_rows), this group and the next, of
+// half that each. Measured (out=, 2 threads, Xeon Skylake-SP, 1 MiB L2, median of 5 rounds
+// against copy_ of the same bytes, two runs each): with prefetch, 256 KiB groups (8 rows of
+// 32 KiB) plus the next group ran LayerNorm fp32 2048 x 8192 at 0.69-0.73 of copy_'s bandwidth,
+// 16384 x 8192 at 0.72-0.74 (RMSNorm 0.73-0.80, 0.79); 128 KiB groups 0.78-0.81, 0.81-0.82
+// (RMSNorm 0.83-0.86, 0.87-0.91); 64 KiB groups the same as 128 KiB, and no change for rows of
+// 16 KiB (bf16 2048 x 8192, fp32 2048 x 4096: groups of 4 instead of 8).
 constexpr int64_t kL1Bytes = 24 * 1024;      // x row + parameter rows that stay in L1
-constexpr int64_t kGroupBytes = 256 * 1024;  // x rows of a group that stay in L2
+constexpr int64_t kGroupBytes = 256 * 1024;  // x rows in L2 at once (see above)
 constexpr int kMaxGroup = 8;
 constexpr int64_t kApplyTile = 1024;  // elements; a multiple of every vector width
 
@@ -904,7 +912,7 @@ void dot_moments_short(const T* const*, int64_t, RowMoments<float>*) {
 #endif
 
 template <NormKind K, WMode kW, bool kB, typename T, typename P>
-int row_group_size(int64_t N) {
+int row_group_size(int64_t N, bool prefetch_next_group) {
   if (is_short_row<acc_t<T>>(N)) {
     return kShortGroup;
   }
@@ -914,7 +922,8 @@ int row_group_size(int64_t N) {
   if (param_bytes == 0 || N * param_bytes + row_bytes <= kL1Bytes) {
     return 1;
   }
-  return static_cast<int>(std::clamp<int64_t>(kGroupBytes / row_bytes, 1, kMaxGroup));
+  const int64_t budget = prefetch_next_group ? kGroupBytes / 2 : kGroupBytes;
+  return static_cast<int>(std::clamp<int64_t>(budget / row_bytes, 1, kMaxGroup));
 }
 
 template <NormKind K, WMode kW, bool kB, bool kStream, typename T, typename P>
@@ -938,7 +947,7 @@ void fwd_rows_impl(const FwdParams& p, const P* w, const P* b, int64_t begin, in
   const int group = K == NormKind::kRMSNorm && p.prefetch_x && is_short_row<A>(N) &&
                             N * int64_t{sizeof(T)} >= 1024
                         ? 1
-                        : row_group_size<K, kW, kB, T, P>(N);
+                        : row_group_size<K, kW, kB, T, P>(N, p.prefetch_long_rows);
 
   struct RowState {
     const T* x;
