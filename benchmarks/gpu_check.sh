@@ -173,6 +173,10 @@ fi
   echo "| step | status | seconds | log |"
   echo "|---|---|---|---|"
   printf '%s\n' "${SUMMARY[@]}"
+  if [ -f "$OUT/linkage.txt" ]; then
+    echo
+    echo "Linkage ($OUT/linkage.txt): $(grep -E '^std::locale' "$OUT/linkage.txt" | tr -s ' ')"
+  fi
   if [ -f "$OUT/tests.log" ]; then
     echo
     echo "Tests: $(grep -E '(passed|failed|error)' "$OUT/tests.log" | tail -1)"

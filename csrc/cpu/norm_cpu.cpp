@@ -52,11 +52,11 @@ struct CacheSizes {
 
 // The first number in a small text file, scaled by a K / M / G suffix; 0 if unreadable.
 // Plain POSIX reads, not iostreams. The lent GPU machine's first CPU call (which reads these
-// files) crashed inside std::codecvt::do_unshift, called virtually: the mark of a libstdc++
-// linked statically into this library (that machine's g++ is a wrapper) whose exported streams
-// run on the process's other libstdc++'s locale data. Reproduced here with -static-libstdc++:
-// std::ifstream read nothing. The builds now keep such a copy private (--exclude-libs); these
-// reads no longer depend on it either way.
+// files) crashed inside std::codecvt::do_unshift, called virtually: most likely a libstdc++
+// linked statically into this library (that machine's g++ is a wrapper; not confirmed) whose
+// exported streams ran on the process's other libstdc++'s locale data. Reproduced here with
+// -static-libstdc++: std::ifstream read nothing. The builds now keep such a copy private
+// (--exclude-libs); these reads no longer depend on it either way.
 int64_t read_scaled_number(const char* path) {
 #if defined(__linux__)
   const int fd = ::open(path, O_RDONLY | O_CLOEXEC);
