@@ -103,8 +103,34 @@ struct alignas(16) ReduceScratch {
 // A row group (2^k <= warp threads, several rows per block; or the whole block, one row per block)
 // holds its row in registers: thread `lane` owns packs i * group + lane, i < kPacks, so a warp's
 // accesses are contiguous. HBM is read once. A grid-stride loop over row groups covers any M.
+//
+// Registers: a block keeps its loads in flight only until its row reduction, so the bytes in
+// flight per SM are the resident rows' bytes, set by the registers per thread. Left to ptxas
+// under the (512, 1) launch bounds, the 16-bit kernels with 4 packs per thread take 84-85
+// registers on sm_90 (weight and bias: the parameter packs are hoisted): 5 blocks of 128
+// threads, i.e. 5 rows of 8 KB at N = 4096, per SM. Capped at 80 they take 68-72 registers
+// without spilling (-Xptxas -v, every 16-bit instantiation, sm_80 ... sm_90) and 7 blocks fit:
+// H200, bf16 with weight and bias, 4096 x 4096 38.9 -> 34.6 us, 32768 x 4096 251.7 -> 222.9 us,
+// 4096 x 8192 81.1 -> 65.2 us (0.45 -> 0.55 of a copy's bandwidth; two runs, same session type).
+// sm_100 and newer spill a few bytes under that cap and were not measured: they keep the bounds.
+template <typename T>
+constexpr int fwd_reg_cap() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 1000
+  return 128;
+#else
+  return sizeof(T) == 2 ? 80 : 128;  // 128: what the (512, 1) bounds allow anyway
+#endif
+}
+#if defined(__CUDACC_VER_MAJOR__) && \
+    (__CUDACC_VER_MAJOR__ > 12 || (__CUDACC_VER_MAJOR__ == 12 && __CUDACC_VER_MINOR__ >= 4))
+#define LNEXT_FWD_REG_CAP(T) __maxnreg__(fwd_reg_cap<T>())
+#else
+#define LNEXT_FWD_REG_CAP(T)  // __maxnreg__ needs CUDA 12.4: the launch bounds alone
+#endif
+
 template <Kind K, WMode kW, bool kB, typename T, typename Pt, int kPacks>
-__global__ void __launch_bounds__(kRegMaxThreads, 1) fwd_register_kernel(const FwdParams p) {
+__global__ void __launch_bounds__(kRegMaxThreads, 1) LNEXT_FWD_REG_CAP(T)
+    fwd_register_kernel(const FwdParams p) {
   using A = acc_t<T>;
   constexpr int P = kPackOf<T>;
   __shared__ ReduceScratch<A> scratch;

@@ -46,6 +46,16 @@ constexpr int64_t kWaves = 2;
 constexpr int64_t kMinRowsPerBlock = 4;
 // Sweep tier: each row chunk of the column-parallel partial sums has at least this many rows.
 constexpr int64_t kMinRowsPerChunk = 32;
+// Register tier, block per row: packs per thread are chosen for about this many threads per row
+// (tier 2 of plan_rows). Fewer threads with more packs each keep more bytes in flight per
+// thread; measured on an H200 (2026-11-28, one session, 128 -> 64 for the forward): fp32
+// 32768 x 768 116.9 -> 80.2 us (1 pack x 192 threads -> 2 x 96), 32768 x 1024 103.0 -> 82.6 us,
+// bf16 32768 x 2048 136.4 -> 124.6 us (cells above 20 us whose plan is the same moved by <= 7%).
+// The backward holds more per value (xhat, g, parameter-gradient sums) and measured slower with 64
+// (fp32 32768 x 1024 134.0 -> 154.8 us, 32768 x 768 99.5 -> 111.0, bf16 32768 x 1024
+// 87.9 -> 107.3): it keeps 128.
+constexpr int64_t kFwdRowThreads = 64;
+constexpr int64_t kBwdRowThreads = 128;
 // Dynamic shared memory a block may use without opting in.
 constexpr size_t kDefaultSmemLimit = 48 * 1024;
 
@@ -192,7 +202,8 @@ struct Plan {
   int rows_per_block;  // rows processed at once by a block
 };
 
-Plan plan_rows(int64_t N, int pack, int max_packs, int group_block_threads, int warp) {
+Plan plan_rows(int64_t N, int pack, int max_packs, int group_block_threads, int warp,
+               int64_t row_threads) {
   const int64_t packs = ceil_div(N, pack);
   Plan plan{};
   // Tier 1: a warp or sub-warp group per row, row in registers.
@@ -210,11 +221,11 @@ Plan plan_rows(int64_t N, int pack, int max_packs, int group_block_threads, int 
     plan.rows_per_block = static_cast<int>(group_block_threads / group);
     return plan;
   }
-  // Tier 2: a block per row, row in registers; about 128 threads' worth of packs per pass,
-  // more packs per thread before more threads.
+  // Tier 2: a block per row, row in registers; about row_threads threads' worth of packs per
+  // pass, more packs per thread before more threads.
   if (packs <= static_cast<int64_t>(cuda::kRegMaxThreads) * max_packs) {
     int64_t per_thread =
-        std::min<int64_t>(max_packs, pow2_floor(std::max<int64_t>(packs / 128, 1)));
+        std::min<int64_t>(max_packs, pow2_floor(std::max<int64_t>(packs / row_threads, 1)));
     while (ceil_div(packs, per_thread) > cuda::kRegMaxThreads) per_thread *= 2;
     plan.log2_packs = ilog2(per_thread);
     plan.log2_group = -1;
@@ -324,7 +335,7 @@ void launch_forward_cuda(const FwdProblem& p) {
   const cuda::FwdKernelSet set =
       fwd_kernels(p.kind, p.combo, weight_mode(p.weight, p.zero_centered_weight), p.bias.defined());
   const Plan plan = plan_rows(p.N, pack, cuda::fwd_max_packs(static_cast<int>(xs)),
-                              cuda::kFwdGroupThreads, dev.warp);
+                              cuda::kFwdGroupThreads, dev.warp, kFwdRowThreads);
   k.log2_group = plan.log2_group;
 
   if (!plan.sweep) {
@@ -433,7 +444,7 @@ void launch_backward_cuda(const BwdProblem& p) {
   const WMode wmode = weight_mode(p.weight, p.zero_centered_weight);
   const cuda::BwdKernelSet set = bwd_kernels(p.kind, p.combo, wmode);
   const Plan plan = plan_rows(p.N, pack, cuda::bwd_max_packs(static_cast<int>(xs)),
-                              cuda::kBwdGroupThreads, dev.warp);
+                              cuda::kBwdGroupThreads, dev.warp, kBwdRowThreads);
   k.log2_group = plan.log2_group;
   const auto acc_options = p.x.options().dtype(acc_type(p.x.scalar_type()));
   const int64_t acc_size = xs == 8 ? 8 : 4;
