@@ -167,6 +167,43 @@ inline __m512i bf16_pair_bits(__m512 a, __m512 b) {
   }
   return r;
 }
+
+// Even / odd layout of 32 bf16 values (64 bytes), for the apply pass without AVX512-BF16. One
+// load gives both halves without a shuffle: element 2j is the low half of dword j (shifted up),
+// element 2j + 1 its high half (low half cleared). Each element is then computed by the same
+// operations as in element order, with parameters stored in the same layout (deinterleave_32 in
+// norm_krnl.cpp), and bf16_even_odd_bits rounds and re-interleaves the results with shifts and
+// vpternlogd where bf16_pair_bits needs two vpermt2w (3 uops each on Skylake-SP, two of them on
+// the shuffle port) and the loads two vpmovzxwd.
+inline void load_bf16_even_odd(const BFloat16* p, __m512& even, __m512& odd) {
+  const __m512i u = _mm512_loadu_si512(p);
+  even = _mm512_castsi512_ps(_mm512_slli_epi32(u, 16));
+  odd = _mm512_castsi512_ps(_mm512_and_si512(u, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
+}
+
+// bf16 bits of 32 results held as even / odd fp32 vectors, in element order: the same rounding
+// (nearest even, NaN -> 0x7FC0) and so the same bits as bf16_pair_bits / bf16_bits().
+inline __m512i bf16_even_odd_bits(__m512 even, __m512 odd) {
+  const __m512i we = _mm512_castps_si512(even);
+  const __m512i wo = _mm512_castps_si512(odd);
+  // h: the truncated bf16 of each element, l: the discarded low halves (vpternlogd A & B | C).
+  const __m512i h = _mm512_ternarylogic_epi32(_mm512_set1_epi32(static_cast<int>(0xFFFF0000u)), wo,
+                                              _mm512_srli_epi32(we, 16), 0xEA);
+  const __m512i l =
+      _mm512_ternarylogic_epi32(_mm512_set1_epi32(0x0000FFFF), we, _mm512_slli_epi32(wo, 16), 0xEA);
+  const __m512i t =
+      _mm512_ternarylogic_epi32(h, _mm512_set1_epi16(1), _mm512_set1_epi16(0x7FFE), 0xEA);
+  __m512i r = _mm512_add_epi16(h, _mm512_srli_epi16(_mm512_avg_epu16(l, t), 15));
+  const __mmask16 nan_e = _mm512_cmp_ps_mask(even, even, _CMP_UNORD_Q);
+  const __mmask16 nan_o = _mm512_cmp_ps_mask(odd, odd, _CMP_UNORD_Q);
+  if (__builtin_expect(!_mm512_kortestz(nan_e, nan_o), 0)) {
+    r = _mm512_mask_ternarylogic_epi32(r, nan_e, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u)),
+                                       _mm512_set1_epi32(0x7FC0), 0xEA);
+    r = _mm512_mask_ternarylogic_epi32(r, nan_o, _mm512_set1_epi32(0x0000FFFF),
+                                       _mm512_set1_epi32(0x7FC00000), 0xEA);
+  }
+  return r;
+}
 #endif
 
 template <>
@@ -407,6 +444,33 @@ inline void store_pair(const Vec<float>& a, const Vec<float>& b, BFloat16* p) {
     _mm512_storeu_si512(p, bits);
   }
 }
+#endif
+
+// The apply pass's even / odd layout (load_bf16_even_odd): bf16 on AVX-512 without AVX512-BF16.
+// load: 2 * kSize values of p as the even and the odd elements; store: their bf16 bits back in
+// element order (plain or, kStream, non-temporal to a 64-byte-aligned p).
+template <typename V, typename T>
+struct EvenOdd {
+  static constexpr bool kOn = false;
+};
+
+#if defined(LNEXT_VEC_AVX512) && !defined(__AVX512BF16__)
+template <>
+struct EvenOdd<Vec<float>, BFloat16> {
+  static constexpr bool kOn = true;
+  static void load(const BFloat16* p, Vec<float>& even, Vec<float>& odd) {
+    load_bf16_even_odd(p, even.v, odd.v);
+  }
+  template <bool kStream>
+  static void store(const Vec<float>& even, const Vec<float>& odd, BFloat16* p) {
+    const __m512i bits = bf16_even_odd_bits(even.v, odd.v);
+    if constexpr (kStream) {
+      _mm512_stream_si512(reinterpret_cast<__m512i*>(p), bits);
+    } else {
+      _mm512_storeu_si512(p, bits);
+    }
+  }
+};
 #endif
 
 // Asks for the cache line holding p to be brought into L2 (prefetcht1 on x86); never faults.
