@@ -434,15 +434,20 @@ inline void store_pair(const V& a, const V& b, T* p) {
 template <>
 constexpr bool kPairStores<Vec<float>, BFloat16> = true;
 
-// One rounding for both vectors; kStream: non-temporal (p 64-byte aligned).
+// 64 bytes to p; kStream: non-temporal (p 64-byte aligned).
 template <bool kStream>
-inline void store_pair(const Vec<float>& a, const Vec<float>& b, BFloat16* p) {
-  const __m512i bits = bf16_pair_bits(a.v, b.v);
+inline void store_64(__m512i bits, void* p) {
   if constexpr (kStream) {
-    _mm512_stream_si512(reinterpret_cast<__m512i*>(p), bits);
+    _mm512_stream_si512(static_cast<__m512i*>(p), bits);
   } else {
     _mm512_storeu_si512(p, bits);
   }
+}
+
+// One rounding for both vectors.
+template <bool kStream>
+inline void store_pair(const Vec<float>& a, const Vec<float>& b, BFloat16* p) {
+  store_64<kStream>(bf16_pair_bits(a.v, b.v), p);
 }
 #endif
 
@@ -463,12 +468,7 @@ struct EvenOdd<Vec<float>, BFloat16> {
   }
   template <bool kStream>
   static void store(const Vec<float>& even, const Vec<float>& odd, BFloat16* p) {
-    const __m512i bits = bf16_even_odd_bits(even.v, odd.v);
-    if constexpr (kStream) {
-      _mm512_stream_si512(reinterpret_cast<__m512i*>(p), bits);
-    } else {
-      _mm512_storeu_si512(p, bits);
-    }
+    store_64<kStream>(bf16_even_odd_bits(even.v, odd.v), p);
   }
 };
 #endif
