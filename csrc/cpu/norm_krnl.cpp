@@ -568,7 +568,7 @@ inline V apply_vec(const V& xv, const P* w, const P* b, int64_t i, int n, const 
 
 // bf16 without AVX512-BF16 is stored two vectors at a time (kPairStores, vec.h).
 // kEvenOdd (bf16 without AVX512-BF16, EvenOdd in vec.h): w and b are in the layout of
-// deinterleave_32, and the row is read and written 32 elements at a time in the even / odd
+// deinterleave_2l, and the row is read and written 32 elements at a time in the even / odd
 // layout; every element is computed by the same operations, so the results are bitwise the same.
 template <NormKind K, WMode kW, bool kB, bool kStream = false, bool kNoShift = false,
           bool kEvenOdd = false, typename T, typename P, typename A = acc_t<T>>
@@ -943,7 +943,7 @@ int row_group_size(int64_t N, bool prefetch_next_group) {
   return static_cast<int>(std::clamp<int64_t>(budget / row_bytes, 1, kMaxGroup));
 }
 
-// w, b: the parameters as given; wa, ba: the same in the apply pass's layout (deinterleave_32
+// w, b: the parameters as given; wa, ba: the same in the apply pass's layout (deinterleave_2l
 // where kEvenOdd, else w and b).
 template <NormKind K, WMode kW, bool kB, bool kStream, bool kEvenOdd, typename T, typename P>
 void fwd_rows_impl(const FwdParams& p, const P* w, const P* b, const P* wa, const P* ba,

@@ -171,7 +171,7 @@ inline __m512i bf16_pair_bits(__m512 a, __m512 b) {
 // Even / odd layout of 32 bf16 values (64 bytes), for the apply pass without AVX512-BF16. One
 // load gives both halves without a shuffle: element 2j is the low half of dword j (shifted up),
 // element 2j + 1 its high half (low half cleared). Each element is then computed by the same
-// operations as in element order, with parameters stored in the same layout (deinterleave_32 in
+// operations as in element order, with parameters stored in the same layout (deinterleave_2l in
 // norm_krnl.cpp), and bf16_even_odd_bits rounds and re-interleaves the results with shifts and
 // vpternlogd where bf16_pair_bits needs two vpermt2w (3 uops each on Skylake-SP, two of them on
 // the shuffle port) and the loads two vpmovzxwd.
