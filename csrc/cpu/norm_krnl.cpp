@@ -1192,11 +1192,11 @@ void fwd_rows(const FwdParams& p, int64_t begin, int64_t end) {
       }
     }
   }
-  if constexpr (kEO && std::is_same_v<P, A>) {
-    // fp32 parameters (or none) with bf16 rows.
-    if constexpr (!kHasParams) {
-      return fwd_rows_impl<K, kW, kB, true, T, P>(p, w, b, w, b, begin, end);
-    } else if (many_rows) {
+  if constexpr (kEO && !kHasParams) {
+    return fwd_rows_impl<K, kW, kB, true, T, P>(p, w, b, w, b, begin, end);
+  } else if constexpr (kEO && std::is_same_v<P, A>) {
+    // fp32 parameters with bf16 rows.
+    if (many_rows) {
       const int64_t nw = kW != WMode::kNone ? N : 0;
       const int64_t nb = kB ? N : 0;
       std::unique_ptr<A[]> scratch(new A[nw + nb]);
