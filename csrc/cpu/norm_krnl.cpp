@@ -582,12 +582,16 @@ inline void apply_row(const T* x, const P* w, const P* b, T* y, int64_t N, A shi
   int64_t i = 0;
   // Two copies of the loop, so that the common one carries no prefetch test (two compares and
   // branches per vector measured +16% on the 8-lane AVX2 path).
-  // One vector at element i, after prefetching the next rows' line there when asked.
-  auto vec_at = [&](int64_t i, auto prefetch) {
+  // The next rows' line at element i, when asked.
+  auto prefetch_at = [&](int64_t i, auto prefetch) {
     if constexpr (decltype(prefetch)::value) {
       prefetch_l2(prefetch_a + i);
       if (prefetch_b != nullptr) prefetch_l2(prefetch_b + i);
     }
+  };
+  // One vector at element i, after prefetching the next rows' line there when asked.
+  auto vec_at = [&](int64_t i, auto prefetch) {
+    prefetch_at(i, prefetch);
     return apply_vec<K, kW, kB, kNoShift, V, T>(V::load(x + i), w, b, i, -1, vshift, vmean, vrstd);
   };
   auto store_one = [&](const V& out, int64_t i) {
@@ -602,10 +606,7 @@ inline void apply_row(const T* x, const P* w, const P* b, T* y, int64_t N, A shi
     // AVX512-BF16 rounds and stores both at once (kPairStores).
     if constexpr (kEvenOdd && EvenOdd<V, T>::kOn) {
       for (; i + 2 * L <= N; i += 2 * L) {
-        if constexpr (decltype(prefetch)::value) {
-          prefetch_l2(prefetch_a + i);
-          if (prefetch_b != nullptr) prefetch_l2(prefetch_b + i);
-        }
+        prefetch_at(i, prefetch);
         V even;
         V odd;
         EvenOdd<V, T>::load(x + i, even, odd);
@@ -1131,8 +1132,10 @@ void fwd_rows_impl(const FwdParams& p, const P* w, const P* b, const P* wa, cons
 
 // The apply pass's parameter layout for EvenOdd (vec.h): in each whole block of 2L elements the
 // L even-indexed values, then the L odd-indexed ones; the last N % 2L values as they are.
+// Returns dst (nullptr for an absent src).
 template <int L, typename A>
-void deinterleave_2l(const A* src, A* dst, int64_t N) {
+const A* deinterleave_2l(const A* src, A* dst, int64_t N) {
+  if (src == nullptr) return nullptr;
   int64_t c = 0;
   for (; c + 2 * L <= N; c += 2 * L) {
     for (int j = 0; j < L; ++j) {
@@ -1141,6 +1144,7 @@ void deinterleave_2l(const A* src, A* dst, int64_t N) {
     }
   }
   for (; c < N; ++c) dst[c] = src[c];
+  return dst;
 }
 
 // fp16 / bf16 parameters are widened to fp32 once per task (and 1 + w folded in, in fp32, exactly
@@ -1153,11 +1157,11 @@ void fwd_rows(const FwdParams& p, int64_t begin, int64_t end) {
   constexpr int L = V::kSize;
   constexpr bool kHasParams = kW != WMode::kNone || kB;
   // bf16 rows without AVX512-BF16 apply in the even / odd layout (EvenOdd, vec.h), with fp32
-  // parameters reordered to match once per task; a one-row task keeps the element order (same
-  // bits, no reordering). Measured against the element-order pass (dev A/B of two builds, 1
-  // thread, out=, min of 7, Xeon Skylake-SP, 2026-11-28): LayerNorm 512 x 768 151.3 -> 131.3 us,
-  // 256 x 4096 371.8 -> 323.8, 2048 x 1024 642.4 -> 572.7; RMSNorm 256 x 4096 322.4 -> 251.6
-  // (bf16 weight and bias; fp32 parameters alike: 6-22 % less time over 16 shapes).
+  // parameters reordered to match once per task; a one-row task with parameters keeps the element
+  // order (same bits, no reordering). Measured against the element-order pass (dev A/B of two
+  // builds, 1 thread, out=, min of 7, Xeon Skylake-SP, 2026-11-28): LayerNorm 512 x 768 151.3 ->
+  // 131.3 us, 256 x 4096 371.8 -> 323.8, 2048 x 1024 642.4 -> 572.7; RMSNorm 256 x 4096 322.4 ->
+  // 251.6 (bf16 weight and bias; fp32 parameters alike: 6-22 % less time over 16 shapes).
   constexpr bool kEO = EvenOdd<V, T>::kOn;
   const P* w = static_cast<const P*>(p.weight);
   const P* b = static_cast<const P*>(p.bias);
@@ -1182,11 +1186,10 @@ void fwd_rows(const FwdParams& p, int64_t begin, int64_t end) {
       }
       constexpr WMode kWf = kW == WMode::kNone ? WMode::kNone : WMode::kPlain;
       if constexpr (kEO) {
-        A* wa = wf != nullptr ? scratch.get() + nw + nb : nullptr;
-        A* ba = bf != nullptr ? scratch.get() + 2 * nw + nb : nullptr;
-        if (wa != nullptr) deinterleave_2l<L>(wf, wa, N);
-        if (ba != nullptr) deinterleave_2l<L>(bf, ba, N);
-        return fwd_rows_impl<K, kWf, kB, true, T, A>(p, wf, bf, wa, ba, begin, end);
+        A* reordered = scratch.get() + nw + nb;
+        return fwd_rows_impl<K, kWf, kB, true, T, A>(
+            p, wf, bf, deinterleave_2l<L>(wf, reordered, N),
+            deinterleave_2l<L>(bf, reordered + nw, N), begin, end);
       } else {
         return fwd_rows_impl<K, kWf, kB, false, T, A>(p, wf, bf, wf, bf, begin, end);
       }
@@ -1200,11 +1203,9 @@ void fwd_rows(const FwdParams& p, int64_t begin, int64_t end) {
       const int64_t nw = kW != WMode::kNone ? N : 0;
       const int64_t nb = kB ? N : 0;
       std::unique_ptr<A[]> scratch(new A[nw + nb]);
-      A* wa = kW != WMode::kNone ? scratch.get() : nullptr;
-      A* ba = kB ? scratch.get() + nw : nullptr;
-      if (wa != nullptr) deinterleave_2l<L>(w, wa, N);
-      if (ba != nullptr) deinterleave_2l<L>(b, ba, N);
-      return fwd_rows_impl<K, kW, kB, true, T, P>(p, w, b, wa, ba, begin, end);
+      return fwd_rows_impl<K, kW, kB, true, T, P>(p, w, b, deinterleave_2l<L>(w, scratch.get(), N),
+                                                  deinterleave_2l<L>(b, scratch.get() + nw, N),
+                                                  begin, end);
     }
   }
   fwd_rows_impl<K, kW, kB, false, T, P>(p, w, b, w, b, begin, end);

@@ -135,6 +135,16 @@ struct Vec<float> {
 };
 
 #if !defined(__AVX512BF16__)
+// Round to nearest even of fp32 values split into their high halves h (the truncated bf16) and
+// low halves l, on 16-bit lanes: h plus the carry out of l + t, t = 0x7FFE | (h & 1), which is
+// the top bit of vpavgw's (l + t + 1) >> 1.
+inline __m512i bf16_round_halves(__m512i h, __m512i l) {
+  // t = (h & 1) | 0x7FFE (vpternlogd: A & B | C).
+  const __m512i t =
+      _mm512_ternarylogic_epi32(h, _mm512_set1_epi16(1), _mm512_set1_epi16(0x7FFE), 0xEA);
+  return _mm512_add_epi16(h, _mm512_srli_epi16(_mm512_avg_epu16(l, t), 15));
+}
+
 // Without AVX512-BF16, bf16 results are rounded and stored two vectors (32 elements, 64 bytes)
 // at a time, the rounding running once on 16-bit lanes. With each element's fp32 bits split into
 // a high half h (the truncated bf16) and a low half l, round to nearest even adds to h the carry
@@ -156,10 +166,7 @@ inline __m512i bf16_pair_bits(__m512 a, __m512 b) {
   const __m512i wb = _mm512_castps_si512(b);
   const __m512i h = _mm512_permutex2var_epi16(wa, _mm512_load_si512(kHigh), wb);
   const __m512i l = _mm512_permutex2var_epi16(wa, _mm512_load_si512(kLow), wb);
-  // t = (h & 1) | 0x7FFE (vpternlogd: A & B | C).
-  const __m512i t =
-      _mm512_ternarylogic_epi32(h, _mm512_set1_epi16(1), _mm512_set1_epi16(0x7FFE), 0xEA);
-  __m512i r = _mm512_add_epi16(h, _mm512_srli_epi16(_mm512_avg_epu16(l, t), 15));
+  __m512i r = bf16_round_halves(h, l);
   const __mmask16 nan_a = _mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q);
   const __mmask16 nan_b = _mm512_cmp_ps_mask(b, b, _CMP_UNORD_Q);
   if (__builtin_expect((nan_a | nan_b) != 0, 0)) {
@@ -191,9 +198,7 @@ inline __m512i bf16_even_odd_bits(__m512 even, __m512 odd) {
                                               _mm512_srli_epi32(we, 16), 0xEA);
   const __m512i l =
       _mm512_ternarylogic_epi32(_mm512_set1_epi32(0x0000FFFF), we, _mm512_slli_epi32(wo, 16), 0xEA);
-  const __m512i t =
-      _mm512_ternarylogic_epi32(h, _mm512_set1_epi16(1), _mm512_set1_epi16(0x7FFE), 0xEA);
-  __m512i r = _mm512_add_epi16(h, _mm512_srli_epi16(_mm512_avg_epu16(l, t), 15));
+  __m512i r = bf16_round_halves(h, l);
   const __mmask16 nan_e = _mm512_cmp_ps_mask(even, even, _CMP_UNORD_Q);
   const __mmask16 nan_o = _mm512_cmp_ps_mask(odd, odd, _CMP_UNORD_Q);
   if (__builtin_expect(!_mm512_kortestz(nan_e, nan_o), 0)) {
