@@ -11,6 +11,8 @@
 #include <tuple>
 #include <utility>
 
+#include "cpu/pages.h"
+
 namespace layernorm_ext {
 
 int dtype_combo(at::ScalarType input, const at::Tensor& weight, const at::Tensor& bias) {
@@ -43,11 +45,15 @@ namespace {
 
 // Every tensor these kernels allocate. On CPU it comes straight from the CPU allocator
 // (at::detail::empty_cpu, as ATen's own CPU kernels allocate): at::empty's dispatcher round trip
-// measured ~0.1 us per tensor, a tenth of a whole (1, 50) call. Elsewhere through at::empty.
+// measured ~0.1 us per tensor, a tenth of a whole (1, 50) call. A large fresh one is advised
+// onto transparent huge pages before anything writes it (cpu/pages.cpp: its page faults cost
+// more than the kernel). Elsewhere through at::empty.
 // (These run below the dispatcher, at the backend's key: nothing above it needs to see them.)
 at::Tensor new_tensor(at::IntArrayRef sizes, const at::TensorOptions& options) {
   if (options.device().is_cpu()) {
-    return at::detail::empty_cpu(sizes, options);
+    at::Tensor t = at::detail::empty_cpu(sizes, options);
+    cpu::advise_huge_pages(t.mutable_data_ptr(), static_cast<int64_t>(t.nbytes()));
+    return t;
   }
   return at::empty(sizes, options);
 }

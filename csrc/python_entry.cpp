@@ -33,12 +33,23 @@
 #include <optional>
 #include <tuple>
 
+#include "cpu/pages.h"
 #include "ops.h"
 
 namespace layernorm_ext {
 namespace {
 
 using OptTensor = std::optional<at::Tensor>;
+
+// The fresh output of the fused add's in-place form (out=...): contiguous, like input; on CPU a
+// large one is advised onto huge pages as the ops' own outputs are (cpu/pages.h).
+at::Tensor fresh_output_like(const at::Tensor& input) {
+  at::Tensor out = at::empty_like(input, at::MemoryFormat::Contiguous);
+  if (out.is_cpu()) {
+    cpu::advise_huge_pages(out.mutable_data_ptr(), static_cast<int64_t>(out.nbytes()));
+  }
+  return out;
+}
 
 // Releases the GIL for the op call (as torch's bindings do); re-acquired on exit or unwind.
 class GilRelease {
@@ -269,7 +280,7 @@ PyObject* add_layer_norm_entry(PyObject* /*module*/, PyObject* const* args, Py_s
   const bool zero_centered_weight = args[6] == Py_True;
   if (fresh_out) {
     return run(input, [&] {
-      at::Tensor out = at::empty_like(input, at::MemoryFormat::Contiguous);
+      at::Tensor out = fresh_output_like(input);
       ops::add_layer_norm_inplace().call(input, written(args[1]), shape, weight, bias, eps,
                                          zero_centered_weight, out);
       return out;
@@ -310,7 +321,7 @@ PyObject* add_rms_norm_entry(PyObject* /*module*/, PyObject* const* args, Py_ssi
   const bool zero_centered_weight = args[5] == Py_True;
   if (fresh_out) {
     return run(input, [&] {
-      at::Tensor out = at::empty_like(input, at::MemoryFormat::Contiguous);
+      at::Tensor out = fresh_output_like(input);
       ops::add_rms_norm_inplace().call(input, written(args[1]), shape, weight, eps,
                                        zero_centered_weight, out);
       return out;

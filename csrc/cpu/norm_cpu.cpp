@@ -12,13 +12,13 @@
 
 #if defined(__linux__)
 #include <fcntl.h>
-#include <sys/mman.h>
 #include <unistd.h>
 #endif
 
 #include "../norm_host.h"
 #include "isa.h"
 #include "kernel_api.h"
+#include "pages.h"
 #include "stream_policy.h"
 
 namespace layernorm_ext {
@@ -116,25 +116,6 @@ int64_t streaming_threshold_bytes() {
   return bytes;
 }
 
-// Whether the page holding the middle of a buffer is already mapped in. An output this call
-// allocated is either memory the allocator reuses (resident) or a fresh mapping, whose every
-// page faults on its first write; the allocator's own header sits at the start of a mapping, so
-// the middle tells them apart. Unknown (not Linux) counts as fresh.
-bool middle_page_resident(const void* data, int64_t bytes) {
-#if defined(__linux__)
-  static const auto page = static_cast<std::uintptr_t>(sysconf(_SC_PAGESIZE));
-  const std::uintptr_t middle =
-      (reinterpret_cast<std::uintptr_t>(data) + static_cast<std::uintptr_t>(bytes / 2)) &
-      ~(page - 1);
-  unsigned char resident = 0;
-  return mincore(reinterpret_cast<void*>(middle), page, &resident) == 0 && (resident & 1) != 0;
-#else
-  (void)data;
-  (void)bytes;
-  return false;
-#endif
-}
-
 // Under the default policy (on CPUs where streaming pays, stream_policy.cpp), a fresh mapping
 // takes plain stores: there they measured ~10% faster than streaming (the page faults dominate;
 // e.g. fp32 2048 x 8192 fresh outputs 29.3 vs 37.6 ms). A reused allocation streams like the
@@ -156,7 +137,7 @@ bool use_streaming_stores(const FwdProblem& p) {
       break;
   }
   return cpu::streams_by_default() &&
-         (!p.y_fresh || middle_page_resident(p.y.const_data_ptr(), p.M * p.N * item));
+         (!p.y_fresh || cpu::middle_page_resident(p.y.const_data_ptr(), p.M * p.N * item));
 }
 
 int64_t l2_bytes() { return cache_sizes().l2 > 0 ? cache_sizes().l2 : int64_t{1} << 20; }
