@@ -111,11 +111,12 @@ def _fresh_outputs(x, r, w, b):
     ]
 
 
-@needs_advice
-@pytest.mark.parametrize(("dtype", "N"), [(torch.float32, 1024), (torch.bfloat16, 4096)])
-def test_large_fresh_outputs_are_advised_and_bitwise_unchanged(dtype, N):
-    # Above 32 MiB, glibc's largest dynamic mmap threshold: every allocation is a fresh mapping
-    # (smaller ones may reuse resident memory, which is rightly left alone).
+def check_fresh_outputs(dtype_name: str, N: int) -> None:
+    """Every kind of fresh output is advised and bitwise the caller's-buffer result. Run in a
+    fresh process (test below): there, outputs above 32 MiB (glibc's largest dynamic mmap
+    threshold) are always fresh mappings. A long-lived process may serve them from freed heap
+    memory that is already resident, which the ops rightly leave alone."""
+    dtype = getattr(torch, dtype_name)
     rows = (GLIBC_FRESH_BYTES // (N * dtype.itemsize)) + 5
     x, r, w, b = _inputs(rows, N, dtype)
     for name, fresh, expected in _fresh_outputs(x, r, w, b):
@@ -126,6 +127,13 @@ def test_large_fresh_outputs_are_advised_and_bitwise_unchanged(dtype, N):
     rows_idx = torch.tensor([0, rows // 2, rows - 1])
     ref = torch.nn.functional.layer_norm(x[rows_idx].double(), (N,), w.double(), b.double())
     check_result(layernorm_ext.layer_norm(x, N, w, b)[rows_idx], ref, fwd_tol(dtype), "sampled")
+
+
+@needs_advice
+@pytest.mark.parametrize(("dtype", "N"), [("float32", 1024), ("bfloat16", 4096)])
+def test_large_fresh_outputs_are_advised_and_bitwise_unchanged(dtype, N):
+    proc = _run(f"{_IMPORT}\nT.check_fresh_outputs({dtype!r}, {N})", "auto")
+    assert proc.returncode == 0, proc.stderr[-4000:]
 
 
 @needs_advice
@@ -145,12 +153,13 @@ def _run(code: str, value: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
 
 
-_CHILD = f"""
-import sys, torch, layernorm_ext as L
-sys.path.insert(0, {str(Path(__file__).resolve().parent)!r})
-from test_huge_pages import mapping_flags
+# A child process: this directory on sys.path, this module as T.
+_IMPORT = f"import sys; sys.path.insert(0, {str(Path(__file__).resolve().parent)!r})\n" + (
+    "import torch, layernorm_ext as L, test_huge_pages as T"
+)
+_CHILD = f"""{_IMPORT}
 x = torch.randn(4096, 1024)
-print("hg" in mapping_flags(L.layer_norm(x, 1024)))
+print("hg" in T.mapping_flags(L.layer_norm(x, 1024)))
 """
 
 
