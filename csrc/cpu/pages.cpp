@@ -19,7 +19,8 @@
 // huge-page fault in a madvised range stalls in direct compaction: an earlier version of this
 // project, which advised every large output, measured 30-40 ms stalls on 60% of 2048 x 4096 fp32
 // calls once memory had fragmented (AMD EPYC VM, 2026-11-26; F.layer_norm took 9 ms) and was
-// removed. Reading buddyinfo costs ~20 us, against >= 1 ms for the outputs concerned.
+// removed. Reading buddyinfo costs tens of us (42 us from Python), against >= 1 ms for the
+// outputs concerned.
 //
 // Torch offers huge pages for all of its CPU allocations as an opt-in (THP_MEM_ALLOC_ENABLE=1,
 // 2 MiB-aligned allocations). Here only the huge pages already inside the buffer are advised: no
@@ -48,10 +49,10 @@ namespace {
 // syscalls (two: mincore, madvise; ~1 us each in the VM).
 constexpr int64_t kMinBytes = int64_t{4} << 20;
 
+// Where advise_huge_pages acts: huge_page bytes (nonzero only with THP in "madvise" mode).
 struct Mode {
-  const char* name = "unavailable";
-  std::uintptr_t huge_page = 0;  // bytes; nonzero only where advise_huge_pages acts
-  int order = 0;                 // huge_page = base page << order
+  std::uintptr_t huge_page = 0;
+  int order = 0;  // huge_page = base page << order
 };
 
 #if defined(__linux__)
@@ -106,24 +107,17 @@ Mode detect() {
   TORCH_CHECK(setting.empty() || setting == "auto" || setting == "off",
               "layernorm_ext: LAYERNORM_EXT_CPU_HUGE_PAGES = '", setting,
               "' is not a huge-page setting; expected auto or off");
-  if (setting == "off") {
-    m.name = "off";
-    return m;
-  }
+  if (setting == "off") return m;
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
-  // e.g. "always [madvise] never": the bracketed word is the mode in force.
+  // e.g. "always [madvise] never": the bracketed word is the mode in force. "always" already
+  // gives every large mapping huge pages; "never" gives none.
   const std::string enabled = read_small_file("/sys/kernel/mm/transparent_hugepage/enabled");
-  if (enabled.find("[always]") != std::string::npos) {
-    m.name = "always";
-  } else if (enabled.find("[never]") != std::string::npos) {
-    m.name = "never";
-  } else if (enabled.find("[madvise]") != std::string::npos) {
+  if (enabled.find("[madvise]") != std::string::npos) {
     const std::string size = read_small_file("/sys/kernel/mm/transparent_hugepage/hpage_pmd_size");
     const unsigned long long bytes = std::strtoull(size.c_str(), nullptr, 10);
     // A power of two of at least two base pages, or THP is not what it seems: leave it alone.
     const auto page = static_cast<unsigned long long>(sysconf(_SC_PAGESIZE));
     if (bytes >= 2 * page && (bytes & (bytes - 1)) == 0) {
-      m.name = "madvise";
       m.huge_page = static_cast<std::uintptr_t>(bytes);
       while ((page << m.order) < bytes) ++m.order;
     }
@@ -153,8 +147,6 @@ bool middle_page_resident(const void* data, int64_t bytes) {
   return false;
 #endif
 }
-
-const char* huge_page_mode() { return mode().name; }
 
 void advise_huge_pages(void* data, int64_t bytes) {
   if (bytes < kMinBytes) return;

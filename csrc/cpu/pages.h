@@ -13,15 +13,12 @@ namespace layernorm_ext::cpu {
 bool middle_page_resident(const void* data, int64_t bytes);
 
 // Asks the kernel to back the whole huge pages inside [data, data + bytes) with transparent huge
-// pages (madvise MADV_HUGEPAGE) and faults them in (MADV_POPULATE_WRITE), where that pays: a buffer
-// of at least kMinBytes that is a fresh mapping (its first writes would page-fault), on Linux with
-// THP in "madvise" mode. Elsewhere a no-op. LAYERNORM_EXT_CPU_HUGE_PAGES=off (read on first use)
-// turns it off; auto is the default. Only the mapping's paging changes, never its contents: results
-// are the same either way.
+// pages (madvise MADV_HUGEPAGE) and faults them in (MADV_POPULATE_WRITE), where that pays: a
+// buffer of at least 4 MiB that is a fresh mapping (its first writes would page-fault), on Linux
+// with THP in "madvise" mode, while the kernel has free huge-page blocks for it twice over (else
+// the faults would wait for compaction). Elsewhere a no-op. LAYERNORM_EXT_CPU_HUGE_PAGES=off
+// (read on first use) turns it off; auto is the default. Only the mapping's paging changes, never
+// its contents: results are the same either way.
 void advise_huge_pages(void* data, int64_t bytes);
-
-// "madvise" when advise_huge_pages acts, else why not: "off" (the environment), "always"
-// (every large mapping already gets huge pages), "never", or "unavailable" (not Linux, no THP).
-const char* huge_page_mode();
 
 }  // namespace layernorm_ext::cpu
