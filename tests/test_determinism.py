@@ -9,6 +9,7 @@ from norm_testing import (
     DTYPE_CASES,
     DTYPE_IDS,
     assert_bitwise_equal,
+    assert_close_to_ref,
     fwd_tol,
     make_input,
     make_params,
@@ -16,6 +17,7 @@ from norm_testing import (
 )
 
 import layernorm_ext
+from layernorm_ext._reference import layer_norm_ref, rms_norm_ref
 
 THREADS = [1, 2, 3]
 # Large enough to split across threads in the forward (several 16K-element tasks) and to use
@@ -96,6 +98,33 @@ def test_row_independence(isa, case, gen):
             both = fn(torch.cat([x, extra]), N, *args)
             assert_bitwise_equal(both[: len(x)], y, f"{label} LN(cat(x, y))[:len(x)]")
             assert_bitwise_equal(both[len(x) :], fn(extra, N, *args), f"{label} cat tail")
+
+
+@pytest.mark.parametrize("param_dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("zero_centered", [False, True], ids=["w", "1+w"])
+def test_parameter_layouts_agree(isa, param_dtype, zero_centered, gen, restore_threads):
+    """A task of bf16 rows reads 16-bit parameters as stored below 16 rows and widened to fp32
+    above (in the even / odd layout without AVX512-BF16), fp32 parameters in element order for
+    one row and reordered for more (fwd_rows in csrc/cpu/norm_krnl.cpp). Every task size gives
+    the same bits, and they are the float64 reference rounded once."""
+    M = 40
+    atol, rtol = fwd_tol(torch.bfloat16)
+    for N in (40, 769, 4100):
+        x = make_input((M, N), torch.bfloat16, generator=gen)
+        w, b = make_params((N,), param_dtype, True, True, generator=gen)
+        kw = {"zero_centered_weight": zero_centered}
+        label = f"[{isa} {param_dtype} zero_centered={zero_centered} N={N}]"
+        with num_threads(1):
+            for fn, ref, args in (
+                (layernorm_ext.layer_norm, layer_norm_ref, (w, b)),
+                (layernorm_ext.rms_norm, rms_norm_ref, (w,)),
+            ):
+                full = fn(x, N, *args, **kw)
+                assert_close_to_ref(full, ref(x, N, *args, **kw), atol, rtol, f"{label} {fn}")
+                for m in (1, 2, 3, 15, 16, 17):
+                    assert_bitwise_equal(fn(x[:m], N, *args, **kw), full[:m], f"{label} {m} rows")
+                    s = slice(M - m, M)
+                    assert_bitwise_equal(fn(x[s], N, *args, **kw), full[s], f"{label} last {m}")
 
 
 def _assert_bwd_rows_match(s, label, dy, x, w, b, stats, dx, dx_rms):

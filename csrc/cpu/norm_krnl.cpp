@@ -535,13 +535,13 @@ inline V effective_weight(V w) {
 }
 
 // y = xhat * w + b, with xhat = ((x - shift) - mean) * rstd for LayerNorm (the shifted form of
-// the statistics) and xhat = x * rstd for RMSNorm. The tail is a masked partial vector, computed
-// exactly like the body.
+// the statistics) and xhat = x * rstd for RMSNorm; wv and bv are the parameter values as stored
+// (effective_weight applies 1 + w here), ignored where absent.
 // kNoShift: the row's shift is 0 (the unshifted 16-bit statistics), so the subtraction is left
 // out; x - 0 is x, so the results are the same.
-template <NormKind K, WMode kW, bool kB, bool kNoShift, typename V, typename T, typename P>
-inline V apply_vec(const V& xv, const P* w, const P* b, int64_t i, int n, const V& vshift,
-                   const V& vmean, const V& vrstd) {
+template <NormKind K, WMode kW, bool kB, bool kNoShift, typename V>
+inline V apply_vals(const V& xv, const V& wv, const V& bv, const V& vshift, const V& vmean,
+                    const V& vrstd) {
   V xhat;
   if constexpr (K == NormKind::kLayerNorm) {
     if constexpr (kNoShift) {
@@ -553,23 +553,37 @@ inline V apply_vec(const V& xv, const P* w, const P* b, int64_t i, int n, const 
     xhat = xv * vrstd;
   }
   if constexpr (kW != WMode::kNone) {
-    const V wv = effective_weight<kW>(n < 0 ? V::load(w + i) : V::load_partial(w + i, n));
+    const V we = effective_weight<kW>(wv);
     if constexpr (kB) {
-      return madd(xhat, wv, n < 0 ? V::load(b + i) : V::load_partial(b + i, n));
+      return madd(xhat, we, bv);
     } else {
-      return xhat * wv;
+      return xhat * we;
     }
   } else if constexpr (kB) {
-    return xhat + (n < 0 ? V::load(b + i) : V::load_partial(b + i, n));
+    return xhat + bv;
   } else {
     return xhat;
   }
 }
 
+// apply_vals with the parameters of elements [i, i + L) in element order; n >= 0 reads only the
+// first n (the row's masked tail, computed exactly like the body).
+template <NormKind K, WMode kW, bool kB, bool kNoShift, typename V, typename T, typename P>
+inline V apply_vec(const V& xv, const P* w, const P* b, int64_t i, int n, const V& vshift,
+                   const V& vmean, const V& vrstd) {
+  auto load = [&](const P* q) { return n < 0 ? V::load(q + i) : V::load_partial(q + i, n); };
+  V wv = V::zero();
+  V bv = V::zero();
+  if constexpr (kW != WMode::kNone) wv = load(w);
+  if constexpr (kB) bv = load(b);
+  return apply_vals<K, kW, kB, kNoShift>(xv, wv, bv, vshift, vmean, vrstd);
+}
+
 // bf16 without AVX512-BF16 is stored two vectors at a time (kPairStores, vec.h).
-// kEvenOdd (bf16 without AVX512-BF16, EvenOdd in vec.h): w and b are in the layout of
-// deinterleave_2l, and the row is read and written 32 elements at a time in the even / odd
-// layout; every element is computed by the same operations, so the results are bitwise the same.
+// kEvenOdd (bf16 without AVX512-BF16, EvenOdd in vec.h): fp32 w and b are in the layout of
+// deinterleave_2l (bf16 ones are read as stored and split like the row), and the row is read and
+// written 32 elements at a time in the even / odd layout; every element is computed by the same
+// operations, so the results are bitwise the same.
 template <NormKind K, WMode kW, bool kB, bool kStream = false, bool kNoShift = false,
           bool kEvenOdd = false, typename T, typename P, typename A = acc_t<T>>
 inline void apply_row(const T* x, const P* w, const P* b, T* y, int64_t N, A shift, A mean, A rstd,
@@ -610,9 +624,20 @@ inline void apply_row(const T* x, const P* w, const P* b, T* y, int64_t N, A shi
         V even;
         V odd;
         EvenOdd<V, T>::load(x + i, even, odd);
-        const V ye = apply_vec<K, kW, kB, kNoShift, V, T>(even, w, b, i, -1, vshift, vmean, vrstd);
-        const V yo =
-            apply_vec<K, kW, kB, kNoShift, V, T>(odd, w, b, i + L, -1, vshift, vmean, vrstd);
+        V ye;
+        V yo;
+        if constexpr (std::is_same_v<P, A>) {
+          // fp32 parameters, already in the even / odd layout.
+          ye = apply_vec<K, kW, kB, kNoShift, V, T>(even, w, b, i, -1, vshift, vmean, vrstd);
+          yo = apply_vec<K, kW, kB, kNoShift, V, T>(odd, w, b, i + L, -1, vshift, vmean, vrstd);
+        } else {
+          // bf16 parameters as given, split like the row (the same values as widened ones).
+          V we = V::zero(), wo = V::zero(), be = V::zero(), bo = V::zero();
+          if constexpr (kW != WMode::kNone) EvenOdd<V, P>::load(w + i, we, wo);
+          if constexpr (kB) EvenOdd<V, P>::load(b + i, be, bo);
+          ye = apply_vals<K, kW, kB, kNoShift>(even, we, be, vshift, vmean, vrstd);
+          yo = apply_vals<K, kW, kB, kNoShift>(odd, wo, bo, vshift, vmean, vrstd);
+        }
         EvenOdd<V, T>::template store<kStream>(ye, yo, y + i);
       }
     } else if constexpr (sizeof(T) * L == 32) {
@@ -944,10 +969,12 @@ int row_group_size(int64_t N, bool prefetch_next_group) {
   return static_cast<int>(std::clamp<int64_t>(budget / row_bytes, 1, kMaxGroup));
 }
 
-// w, b: the parameters as given; wa, ba: the same in the apply pass's layout (deinterleave_2l
-// where kEvenOdd, else w and b).
-template <NormKind K, WMode kW, bool kB, bool kStream, bool kEvenOdd, typename T, typename P>
-void fwd_rows_impl(const FwdParams& p, const P* w, const P* b, const P* wa, const P* ba,
+// w, b: the parameters as given (kW, P), for the overflow rescue; wa, ba: what the apply pass
+// reads (kWA, PA): w and b themselves, or fp32 copies with 1 + w folded in and, where kEvenOdd,
+// in the even / odd layout (fwd_rows).
+template <NormKind K, WMode kW, bool kB, bool kStream, bool kEvenOdd, typename T, typename P,
+          WMode kWA, typename PA>
+void fwd_rows_impl(const FwdParams& p, const P* w, const P* b, const PA* wa, const PA* ba,
                    int64_t begin, int64_t end) {
   using A = acc_t<T>;
   const int64_t N = p.N;
@@ -968,7 +995,7 @@ void fwd_rows_impl(const FwdParams& p, const P* w, const P* b, const P* wa, cons
   const int group = K == NormKind::kRMSNorm && p.prefetch_x && is_short_row<A>(N) &&
                             N * int64_t{sizeof(T)} >= 1024
                         ? 1
-                        : row_group_size<K, kW, kB, T, P>(N, p.prefetch_long_rows);
+                        : row_group_size<K, kWA, kB, T, PA>(N, p.prefetch_long_rows);
 
   struct RowState {
     const T* x;
@@ -1081,19 +1108,19 @@ void fwd_rows_impl(const FwdParams& p, const P* w, const P* b, const P* wa, cons
       const T* pf_res = pf && res != nullptr ? res + (r0 + 1) * p.residual_stride : nullptr;
       if (!st.done) {
         if (kUnshifted && st.shift == A(0)) {
-          apply_row<K, kW, kB, kStream, true, kEvenOdd>(st.x, wa, ba, st.y, N, st.shift, st.mean,
-                                                        st.rstd, pf_x, pf_res);
-        } else {
-          apply_row<K, kW, kB, kStream, false, kEvenOdd>(st.x, wa, ba, st.y, N, st.shift, st.mean,
+          apply_row<K, kWA, kB, kStream, true, kEvenOdd>(st.x, wa, ba, st.y, N, st.shift, st.mean,
                                                          st.rstd, pf_x, pf_res);
+        } else {
+          apply_row<K, kWA, kB, kStream, false, kEvenOdd>(st.x, wa, ba, st.y, N, st.shift, st.mean,
+                                                          st.rstd, pf_x, pf_res);
         }
       }
       continue;
     }
     for (int64_t j = 0; j < N; j += kApplyTile) {
       const int64_t len = std::min(kApplyTile, N - j);
-      const P* wj = kW != WMode::kNone ? wa + j : nullptr;
-      const P* bj = kB ? ba + j : nullptr;
+      const PA* wj = kWA != WMode::kNone ? wa + j : nullptr;
+      const PA* bj = kB ? ba + j : nullptr;
       for (int k = 0; k < g; ++k) {
         const RowState& st = rows[k];
         if (st.done) {
@@ -1107,11 +1134,11 @@ void fwd_rows_impl(const FwdParams& p, const P* w, const P* b, const P* wa, cons
         const T* pf_x = pf ? x + next * p.x_stride + j : nullptr;
         const T* pf_res = pf && res != nullptr ? res + next * p.residual_stride + j : nullptr;
         if (kUnshifted && st.shift == A(0)) {
-          apply_row<K, kW, kB, kStream, true, kEvenOdd>(st.x + j, wj, bj, st.y + j, len, st.shift,
-                                                        st.mean, st.rstd, pf_x, pf_res);
-        } else {
-          apply_row<K, kW, kB, kStream, false, kEvenOdd>(st.x + j, wj, bj, st.y + j, len, st.shift,
+          apply_row<K, kWA, kB, kStream, true, kEvenOdd>(st.x + j, wj, bj, st.y + j, len, st.shift,
                                                          st.mean, st.rstd, pf_x, pf_res);
+        } else {
+          apply_row<K, kWA, kB, kStream, false, kEvenOdd>(st.x + j, wj, bj, st.y + j, len, st.shift,
+                                                          st.mean, st.rstd, pf_x, pf_res);
         }
       }
     }
@@ -1120,13 +1147,14 @@ void fwd_rows_impl(const FwdParams& p, const P* w, const P* b, const P* wa, cons
 }
 
 // Non-temporal stores are a separate instantiation (the choice is per call, never per row).
-template <NormKind K, WMode kW, bool kB, bool kEvenOdd, typename T, typename P>
-void fwd_rows_impl(const FwdParams& p, const P* w, const P* b, const P* wa, const P* ba,
+template <NormKind K, WMode kW, bool kB, bool kEvenOdd, typename T, typename P, WMode kWA = kW,
+          typename PA = P>
+void fwd_rows_impl(const FwdParams& p, const P* w, const P* b, const PA* wa, const PA* ba,
                    int64_t begin, int64_t end) {
   if (p.stream_y) {
-    fwd_rows_impl<K, kW, kB, true, kEvenOdd, T, P>(p, w, b, wa, ba, begin, end);
+    fwd_rows_impl<K, kW, kB, true, kEvenOdd, T, P, kWA, PA>(p, w, b, wa, ba, begin, end);
   } else {
-    fwd_rows_impl<K, kW, kB, false, kEvenOdd, T, P>(p, w, b, wa, ba, begin, end);
+    fwd_rows_impl<K, kW, kB, false, kEvenOdd, T, P, kWA, PA>(p, w, b, wa, ba, begin, end);
   }
 }
 
@@ -1147,9 +1175,36 @@ const A* deinterleave_2l(const A* src, A* dst, int64_t N) {
   return dst;
 }
 
-// fp16 / bf16 parameters are widened to fp32 once per task (and 1 + w folded in, in fp32, exactly
-// as the per-element path computes it), so every row then reads fp32 parameters without a
-// conversion. The arithmetic is identical either way: results do not depend on how rows are split.
+// fp16 / bf16 parameters widened to fp32 for the apply pass, with 1 + w folded in (in fp32,
+// exactly as the per-element path computes it): in the even / odd layout of deinterleave_2l
+// where kEvenOdd (each whole block of 2L elements loaded as EvenOdd loads a row, one load and
+// two integer operations per 32 values), else in element order. An absent src stays absent.
+template <WMode kW, bool kEvenOdd, typename P, typename A>
+A* widen_params(const P* src, A* dst, int64_t N) {
+  using V = Vec<A>;
+  constexpr int L = V::kSize;
+  if (src == nullptr) return nullptr;
+  int64_t i = 0;
+  if constexpr (kEvenOdd) {
+    for (; i + 2 * L <= N; i += 2 * L) {
+      V even;
+      V odd;
+      EvenOdd<V, P>::load(src + i, even, odd);
+      effective_weight<kW>(even).store(dst + i);
+      effective_weight<kW>(odd).store(dst + i + L);
+    }
+  }
+  for (; i + L <= N; i += L) effective_weight<kW>(V::load(src + i)).store(dst + i);
+  if (i < N) {
+    const int n = static_cast<int>(N - i);
+    effective_weight<kW>(V::load_partial(src + i, n)).store_partial(dst + i, n);
+  }
+  return dst;
+}
+
+// fp16 / bf16 parameters are widened to fp32 once per task of several rows (widen_params), so
+// every row then reads fp32 parameters without a conversion; the overflow rescue reads them as
+// given. The arithmetic is identical either way: results do not depend on how rows are split.
 template <NormKind K, WMode kW, bool kB, typename T, typename P>
 void fwd_rows(const FwdParams& p, int64_t begin, int64_t end) {
   using A = acc_t<T>;
@@ -1157,45 +1212,39 @@ void fwd_rows(const FwdParams& p, int64_t begin, int64_t end) {
   constexpr int L = V::kSize;
   constexpr bool kHasParams = kW != WMode::kNone || kB;
   // bf16 rows without AVX512-BF16 apply in the even / odd layout (EvenOdd, vec.h), with fp32
-  // parameters reordered to match once per task; a one-row task with parameters keeps the element
-  // order (same bits, no reordering). Measured against the element-order pass (dev A/B of two
-  // builds, 1 thread, out=, min of 7, Xeon Skylake-SP, 2026-11-28): LayerNorm 512 x 768 151.3 ->
-  // 131.3 us, 256 x 4096 371.8 -> 323.8, 2048 x 1024 642.4 -> 572.7; RMSNorm 256 x 4096 322.4 ->
+  // parameters reordered to match once per task; a one-row task with fp32 parameters keeps the
+  // element order (same bits, no reordering). Measured against the element-order pass (dev A/B of
+  // two builds, 1 thread, out=, min of 7, Xeon Skylake-SP, 2026-11-28): LayerNorm 512 x 768 151.3
+  // -> 131.3 us, 256 x 4096 371.8 -> 323.8, 2048 x 1024 642.4 -> 572.7; RMSNorm 256 x 4096 322.4 ->
   // 251.6 (bf16 weight and bias; fp32 parameters alike: 6-22 % less time over 16 shapes).
+  // bf16 parameters: a task of fewer than kWidenMinRows rows reads them as stored, split like
+  // the row (one integer operation per parameter vector); larger tasks widen them once, straight
+  // into that layout (widen_params). Widening in element order and then reordering, as before,
+  // took as long as the rows themselves for a few rows, and one-row tasks used to apply in
+  // element order. Measured (harness calling the kernel table, 1 thread, LayerNorm bf16 weight
+  // and bias, Xeon Skylake-SP, TSC cycles per 16 elements, min of 15; before -> widened into
+  // the layout -> read as stored): 1 x 768 22.5 -> (as stored) 13.9; 1 x 4096 15.0 -> 11.6;
+  // 2 x 4096 32.9 -> 16.9 -> 12.4; 4 x 768 16.2 -> 13.4 -> 11.2; 8 x 4096 21.5 -> 12.6 ->
+  // 11.6; 16 x 4096 12.7 -> 11.6 -> 10.7; 256 x 768 11.2 -> 10.3 -> 11.0.
   constexpr bool kEO = EvenOdd<V, T>::kOn;
+  constexpr int64_t kWidenMinRows = 16;
   const P* w = static_cast<const P*>(p.weight);
   const P* b = static_cast<const P*>(p.bias);
   const int64_t N = p.N;
   const bool many_rows = end - begin > 1;
   if constexpr (!std::is_same_v<P, A> && kHasParams) {
-    if (many_rows) {
+    if (kEO ? end - begin >= kWidenMinRows : many_rows) {
       const int64_t nw = kW != WMode::kNone ? N : 0;
       const int64_t nb = kB ? N : 0;
-      std::unique_ptr<A[]> scratch(new A[(kEO ? 2 : 1) * (nw + nb)]);
-      A* wf = kW != WMode::kNone ? scratch.get() : nullptr;
-      A* bf = kB ? scratch.get() + nw : nullptr;
-      int64_t i = 0;
-      for (; i + L <= N; i += L) {
-        if (wf != nullptr) effective_weight<kW>(V::load(w + i)).store(wf + i);
-        if (bf != nullptr) V::load(b + i).store(bf + i);
-      }
-      if (i < N) {
-        const int n = static_cast<int>(N - i);
-        if (wf != nullptr) effective_weight<kW>(V::load_partial(w + i, n)).store_partial(wf + i, n);
-        if (bf != nullptr) V::load_partial(b + i, n).store_partial(bf + i, n);
-      }
+      std::unique_ptr<A[]> scratch(new A[nw + nb]);
       constexpr WMode kWf = kW == WMode::kNone ? WMode::kNone : WMode::kPlain;
-      if constexpr (kEO) {
-        A* reordered = scratch.get() + nw + nb;
-        return fwd_rows_impl<K, kWf, kB, true, T, A>(
-            p, wf, bf, deinterleave_2l<L>(wf, reordered, N),
-            deinterleave_2l<L>(bf, reordered + nw, N), begin, end);
-      } else {
-        return fwd_rows_impl<K, kWf, kB, false, T, A>(p, wf, bf, wf, bf, begin, end);
-      }
+      const A* wf = widen_params<kW, kEO>(kW != WMode::kNone ? w : nullptr, scratch.get(), N);
+      const A* bf = widen_params<WMode::kPlain, kEO>(kB ? b : nullptr, scratch.get() + nw, N);
+      return fwd_rows_impl<K, kW, kB, kEO, T, P, kWf, A>(p, w, b, wf, bf, begin, end);
     }
   }
-  if constexpr (kEO && !kHasParams) {
+  if constexpr (kEO && (!kHasParams || !std::is_same_v<P, A>)) {
+    // No parameters, or bf16 ones read as stored by a task of few rows.
     return fwd_rows_impl<K, kW, kB, true, T, P>(p, w, b, w, b, begin, end);
   } else if constexpr (kEO && std::is_same_v<P, A>) {
     // fp32 parameters with bf16 rows.
