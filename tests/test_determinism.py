@@ -100,20 +100,29 @@ def test_row_independence(isa, case, gen):
             assert_bitwise_equal(both[len(x) :], fn(extra, N, *args), f"{label} cat tail")
 
 
-@pytest.mark.parametrize("param_dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+_LAYOUT_CASES = [
+    (torch.bfloat16, torch.bfloat16),
+    (torch.bfloat16, torch.float32),
+    (torch.float16, torch.float16),
+]
+
+
+@pytest.mark.parametrize(
+    "x_dtype,param_dtype", _LAYOUT_CASES, ids=["bf16-bf16", "bf16-fp32", "fp16-fp16"]
+)
 @pytest.mark.parametrize("zero_centered", [False, True], ids=["w", "1+w"])
-def test_parameter_layouts_agree(isa, param_dtype, zero_centered, gen, restore_threads):
-    """A task of bf16 rows reads 16-bit parameters as stored below 16 rows and widened to fp32
-    above (in the even / odd layout without AVX512-BF16), fp32 parameters in element order for
-    one row and reordered for more (fwd_rows in csrc/cpu/norm_krnl.cpp). Every task size gives
-    the same bits, and they are the float64 reference rounded once."""
+def test_parameter_layouts_agree(isa, x_dtype, param_dtype, zero_centered, gen, restore_threads):
+    """A task reads 16-bit parameters as stored below 16 rows and widened to fp32 above (bf16
+    rows without AVX512-BF16: in the even / odd layout), fp32 parameters of bf16 rows in element
+    order for one row and reordered for more (fwd_rows in csrc/cpu/norm_krnl.cpp). Every task
+    size gives the same bits, and they are the float64 reference rounded once."""
     M = 40
-    atol, rtol = fwd_tol(torch.bfloat16)
+    atol, rtol = fwd_tol(x_dtype)
     for N in (40, 769, 4100):
-        x = make_input((M, N), torch.bfloat16, generator=gen)
+        x = make_input((M, N), x_dtype, generator=gen)
         w, b = make_params((N,), param_dtype, True, True, generator=gen)
         kw = {"zero_centered_weight": zero_centered}
-        label = f"[{isa} {param_dtype} zero_centered={zero_centered} N={N}]"
+        label = f"[{isa} {x_dtype}/{param_dtype} zero_centered={zero_centered} N={N}]"
         with num_threads(1):
             for fn, ref, args in (
                 (layernorm_ext.layer_norm, layer_norm_ref, (w, b)),

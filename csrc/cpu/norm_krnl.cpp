@@ -1217,15 +1217,18 @@ void fwd_rows(const FwdParams& p, int64_t begin, int64_t end) {
   // two builds, 1 thread, out=, min of 7, Xeon Skylake-SP, 2026-11-28): LayerNorm 512 x 768 151.3
   // -> 131.3 us, 256 x 4096 371.8 -> 323.8, 2048 x 1024 642.4 -> 572.7; RMSNorm 256 x 4096 322.4 ->
   // 251.6 (bf16 weight and bias; fp32 parameters alike: 6-22 % less time over 16 shapes).
-  // bf16 parameters: a task of fewer than kWidenMinRows rows reads them as stored, split like
-  // the row (one integer operation per parameter vector); larger tasks widen them once, straight
-  // into that layout (widen_params). Widening in element order and then reordering, as before,
-  // took as long as the rows themselves for a few rows, and one-row tasks used to apply in
-  // element order. Measured (harness calling the kernel table, 1 thread, LayerNorm bf16 weight
-  // and bias, Xeon Skylake-SP, TSC cycles per 16 elements, min of 15; before -> widened into
-  // the layout -> read as stored): 1 x 768 22.5 -> (as stored) 13.9; 1 x 4096 15.0 -> 11.6;
-  // 2 x 4096 32.9 -> 16.9 -> 12.4; 4 x 768 16.2 -> 13.4 -> 11.2; 8 x 4096 21.5 -> 12.6 ->
-  // 11.6; 16 x 4096 12.7 -> 11.6 -> 10.7; 256 x 768 11.2 -> 10.3 -> 11.0.
+  // 16-bit parameters: a task of fewer than kWidenMinRows rows reads them as stored (bf16 ones
+  // split like the row: one integer operation per parameter vector); larger tasks widen them
+  // once, bf16 ones straight into the even / odd layout (widen_params). Widening every task of
+  // two or more rows (and bf16 ones in element order, then reordering) took as long as the rows
+  // themselves for a few rows, and one-row bf16 tasks applied in element order. Measured
+  // (harness calling the kernel table, 1 thread, LayerNorm with 16-bit weight and bias, Xeon
+  // Skylake-SP, TSC cycles per 16 elements, min of 15; before -> widened into the layout ->
+  // read as stored): bf16 1 x 768 22.5 -> (as stored) 13.9; 1 x 4096 15.0 -> 11.6; 2 x 4096
+  // 32.9 -> 16.9 -> 12.4; 4 x 768 16.2 -> 13.4 -> 11.2; 8 x 4096 21.5 -> 12.6 -> 11.6; 16 x 4096
+  // 12.7 -> 11.6 -> 10.7; 256 x 768 11.2 -> 10.3 -> 11.0. fp16 (widened -> as stored): 2 x 4096
+  // 18.6-19.0 -> 9.8-11.0, 4 x 4096 12.1 -> 9.0-10.0, 8 x 768 12.1-15.7 -> 8.9-14.0. The AVX2
+  // kernels: fp16 2 x 4096 30.2-32.5 -> 21.6-25.6, otherwise within this VM's noise.
   constexpr bool kEO = EvenOdd<V, T>::kOn;
   constexpr int64_t kWidenMinRows = 16;
   const P* w = static_cast<const P*>(p.weight);
@@ -1233,7 +1236,7 @@ void fwd_rows(const FwdParams& p, int64_t begin, int64_t end) {
   const int64_t N = p.N;
   const bool many_rows = end - begin > 1;
   if constexpr (!std::is_same_v<P, A> && kHasParams) {
-    if (kEO ? end - begin >= kWidenMinRows : many_rows) {
+    if (end - begin >= kWidenMinRows) {
       const int64_t nw = kW != WMode::kNone ? N : 0;
       const int64_t nb = kB ? N : 0;
       std::unique_ptr<A[]> scratch(new A[nw + nb]);
