@@ -1202,9 +1202,10 @@ A* widen_params(const P* src, A* dst, int64_t N) {
   return dst;
 }
 
-// fp16 / bf16 parameters are widened to fp32 once per task of several rows (widen_params), so
-// every row then reads fp32 parameters without a conversion; the overflow rescue reads them as
-// given. The arithmetic is identical either way: results do not depend on how rows are split.
+// fp16 / bf16 parameters are widened to fp32 once per task of kWidenMinRows rows or more
+// (widen_params), so every row then reads fp32 parameters without a conversion; smaller tasks and
+// the overflow rescue read them as given. The arithmetic is identical either way: results do not
+// depend on how rows are split.
 template <NormKind K, WMode kW, bool kB, typename T, typename P>
 void fwd_rows(const FwdParams& p, int64_t begin, int64_t end) {
   using A = acc_t<T>;
