@@ -7,12 +7,13 @@
 // with out=: functional LayerNorm on a 2048 x 4096 fp32 input ran at 0.98x F.layer_norm, both
 // page-fault-bound (benchmarks/results/cpu_targets_2026-11-28_*).
 //
-// What: the buffer's whole huge pages are advised (MADV_HUGEPAGE) and then faulted in by the
-// calling thread in one call (MADV_POPULATE_WRITE, Linux >= 5.14; where it is missing the first
-// writes fault them in). Measured there (2 threads, layer_norm(out=) into a fresh 2048 x 4096
-// fp32 buffer, median of 9 calls, 8 processes): 4 KiB pages 15-21 ms, huge pages faulted by the
-// kernel's two threads 7.8-18.9 ms (some processes fast, some not), huge pages populated first
-// 9.9-11.7 ms, populating 4 KiB pages 17-21 ms; F.layer_norm 18.5-25.5 ms.
+// What: the buffer's whole huge pages are advised (MADV_HUGEPAGE) and then faulted in by torch's
+// intra-op threads, a slice each (MADV_POPULATE_WRITE, Linux >= 5.14; where it is missing the
+// first writes fault them in). Measured there (2 threads, layer_norm(out=) into a fresh
+// 2048 x 4096 fp32 buffer, median of 9 calls, 8 processes): 4 KiB pages 15-21 ms, huge pages
+// faulted by the kernel's two threads 7.8-18.9 ms (some processes fast, some not: see the quirk
+// below), huge pages populated first by the calling thread alone 9.9-11.7 ms, populating 4 KiB
+// pages 17-21 ms; F.layer_norm 18.5-25.5 ms. Populating with every thread: below.
 //
 // When: only while the kernel has enough free blocks of huge-page size (/proc/buddyinfo) for the
 // whole range, twice over. Where it has not (memory fragmented, e.g. filled by the page cache), a
@@ -30,6 +31,7 @@
 
 #include "pages.h"
 
+#include <ATen/Parallel.h>
 #include <c10/util/Exception.h>
 
 #include <cstdlib>
@@ -165,7 +167,19 @@ void advise_huge_pages(void* data, int64_t bytes) {
   void* range = reinterpret_cast<void*>(first);
   if (madvise(range, last - first, MADV_HUGEPAGE) != 0) return;
 #if defined(MADV_POPULATE_WRITE)
-  (void)madvise(range, last - first, MADV_POPULATE_WRITE);
+  // Faulted in by torch's intra-op threads, a run of whole huge pages each: the kernel zeroes
+  // every page in the thread that faults it, so one thread zeroes at one core's speed. Measured
+  // in this project's 2-vCPU VM (Xeon Skylake-SP, 2 threads): 256 MiB of huge pages populated in
+  // 50 ms by one thread, 26 ms by two (C probe, fresh mappings); functional LayerNorm on a
+  // 2048 x 4096 fp32 input (a 32 MiB output) 12.6-15.0 ms -> 9.1-11.5 ms per call.
+  // A quirk of that VM: in a fresh process the second thread faulted its first ~100 MiB of huge
+  // pages at ~3 ms per page (0.4 later), so the first 8-10 such calls took 27-35 ms; after three
+  // parallel fills of a 256 MiB tensor they did not (consistent with a host that backs guest
+  // memory unused for a while only on first touch).
+  at::parallel_for(0, needed, 1, [&](int64_t begin, int64_t end) {
+    (void)madvise(reinterpret_cast<void*>(first + static_cast<std::uintptr_t>(begin) * huge),
+                  static_cast<size_t>(end - begin) * huge, MADV_POPULATE_WRITE);
+  });
 #endif
 #else
   (void)data;
