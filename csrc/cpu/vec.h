@@ -29,6 +29,14 @@
 
 #define C10_LIKELY_LNEXT(x) __builtin_expect(!!(x), 1)
 
+// For the per-vector helpers of the hot loops, which must not become calls when a kernel has
+// many instantiations (GCC's inliner stops at its unit-growth limits; ATen: C10_ALWAYS_INLINE).
+#if defined(__GNUC__)
+#define LNEXT_ALWAYS_INLINE inline __attribute__((always_inline))
+#else
+#define LNEXT_ALWAYS_INLINE inline
+#endif
+
 namespace layernorm_ext::cpu {
 inline namespace LNEXT_CPU_CAPABILITY {
 
@@ -190,22 +198,29 @@ inline void load_bf16_even_odd(const BFloat16* p, __m512& even, __m512& odd) {
 
 // bf16 bits of 32 results held as even / odd fp32 vectors, in element order: the same rounding
 // (nearest even, NaN -> 0x7FC0) and so the same bits as bf16_pair_bits / bf16_bits().
+// kCanonNaN = false leaves out the NaN test (two compares and a mask test per 32 elements), for
+// callers that know no lane holds a NaN (apply_row's kFinite): the bits are then the same.
+// vpternlogd overwrites its first operand, so each takes a temporary that dies there first
+// (f = A | B & C, 0xF8), not a constant the loop keeps (which cost a register copy each).
+template <bool kCanonNaN = true>
 inline __m512i bf16_even_odd_bits(__m512 even, __m512 odd) {
   const __m512i we = _mm512_castps_si512(even);
   const __m512i wo = _mm512_castps_si512(odd);
-  // h: the truncated bf16 of each element, l: the discarded low halves (vpternlogd A & B | C).
-  const __m512i h = _mm512_ternarylogic_epi32(_mm512_set1_epi32(static_cast<int>(0xFFFF0000u)), wo,
-                                              _mm512_srli_epi32(we, 16), 0xEA);
+  // h: the truncated bf16 of each element, l: the discarded low halves.
+  const __m512i h = _mm512_ternarylogic_epi32(
+      _mm512_srli_epi32(we, 16), _mm512_set1_epi32(static_cast<int>(0xFFFF0000u)), wo, 0xF8);
   const __m512i l =
-      _mm512_ternarylogic_epi32(_mm512_set1_epi32(0x0000FFFF), we, _mm512_slli_epi32(wo, 16), 0xEA);
+      _mm512_ternarylogic_epi32(_mm512_slli_epi32(wo, 16), _mm512_set1_epi32(0x0000FFFF), we, 0xF8);
   __m512i r = bf16_round_halves(h, l);
-  const __mmask16 nan_e = _mm512_cmp_ps_mask(even, even, _CMP_UNORD_Q);
-  const __mmask16 nan_o = _mm512_cmp_ps_mask(odd, odd, _CMP_UNORD_Q);
-  if (__builtin_expect(!_mm512_kortestz(nan_e, nan_o), 0)) {
-    r = _mm512_mask_ternarylogic_epi32(r, nan_e, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u)),
-                                       _mm512_set1_epi32(0x7FC0), 0xEA);
-    r = _mm512_mask_ternarylogic_epi32(r, nan_o, _mm512_set1_epi32(0x0000FFFF),
-                                       _mm512_set1_epi32(0x7FC00000), 0xEA);
+  if constexpr (kCanonNaN) {
+    const __mmask16 nan_e = _mm512_cmp_ps_mask(even, even, _CMP_UNORD_Q);
+    const __mmask16 nan_o = _mm512_cmp_ps_mask(odd, odd, _CMP_UNORD_Q);
+    if (__builtin_expect(!_mm512_kortestz(nan_e, nan_o), 0)) {
+      r = _mm512_mask_ternarylogic_epi32(r, nan_e, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u)),
+                                         _mm512_set1_epi32(0x7FC0), 0xEA);
+      r = _mm512_mask_ternarylogic_epi32(r, nan_o, _mm512_set1_epi32(0x0000FFFF),
+                                         _mm512_set1_epi32(0x7FC00000), 0xEA);
+    }
   }
   return r;
 }
@@ -458,7 +473,8 @@ inline void store_pair(const Vec<float>& a, const Vec<float>& b, BFloat16* p) {
 
 // The apply pass's even / odd layout (load_bf16_even_odd): bf16 on AVX-512 without AVX512-BF16.
 // load: 2 * kSize values of p as the even and the odd elements; store: their bf16 bits back in
-// element order (plain or, kStream, non-temporal to a 64-byte-aligned p).
+// element order (plain or, kStream, non-temporal to a 64-byte-aligned p; kCanonNaN = false where
+// no lane can hold a NaN).
 template <typename V, typename T>
 struct EvenOdd {
   static constexpr bool kOn = false;
@@ -471,9 +487,10 @@ struct EvenOdd<Vec<float>, BFloat16> {
   static void load(const BFloat16* p, Vec<float>& even, Vec<float>& odd) {
     load_bf16_even_odd(p, even.v, odd.v);
   }
-  template <bool kStream>
+  // kCanonNaN: see bf16_even_odd_bits.
+  template <bool kStream, bool kCanonNaN = true>
   static void store(const Vec<float>& even, const Vec<float>& odd, BFloat16* p) {
-    store_64<kStream>(bf16_even_odd_bits(even.v, odd.v), p);
+    store_64<kStream>(bf16_even_odd_bits<kCanonNaN>(even.v, odd.v), p);
   }
 };
 #endif
