@@ -157,7 +157,9 @@ def test_bf16_output_rounding_is_exact(isa, N, finite, gen):
     finite: only finite patterns (random ones with an all-ones exponent cleared), so no output
     can be a NaN and the stores that leave out their NaN test (norm_krnl.cpp, kFinite) run;
     values that round up to infinity are among them."""
-    M = 5  # a group of four short rows and one alone
+    # Two tasks of at least four rows on two threads (the kFinite stores need four), each with a
+    # group of four short rows, one of them with a row alone.
+    M = 9
     specials = torch.tensor(_BF16_ROUNDING_BITS, dtype=torch.int64)
     random_bits = torch.randint(0, 2**32, (N,), generator=gen, dtype=torch.int64)
     if finite:
@@ -184,3 +186,62 @@ def test_bf16_output_rounding_is_exact(isa, N, finite, gen):
             f"{tuple(bad[0].tolist())}: fp32 {int((bits.unsqueeze(0) ^ flip)[tuple(bad[0])]):#010x}"
             f" -> {int(got[tuple(bad[0])]):#06x}, expected {int(expected[tuple(bad[0])]):#06x}"
         )
+
+
+@pytest.mark.parametrize("op", ["layer_norm", "rms_norm"])
+@pytest.mark.parametrize("N", [64, 100, 1000, 4136])
+def test_bf16_params_nonfinite_give_canonical_nan(isa, op, N, gen):
+    """bf16 input with bf16 γ / β holding NaNs and infinities: the outputs they make NaN are
+    the canonical 0x7FC0 (as c10::BFloat16 rounds), never a NaN with the parameter's payload
+    (0x7FFF, 0xFFFF) nor -NaN, and every other output matches the float64 reference. Nine rows:
+    on two threads, two tasks of at least four rows, so the per-task parameter test that lets
+    finite rows skip the NaN test (norm_krnl.cpp, kFinite) runs and must see these values."""
+    M = 9
+    x = torch.randn(M, N, generator=gen).to(torch.bfloat16)
+    w = (torch.rand(N, generator=gen) + 0.5).to(torch.bfloat16)
+    b = torch.randn(N, generator=gen).to(torch.bfloat16)
+    w_bits = w.view(torch.int16)
+    b_bits = b.view(torch.int16)
+    # NaNs with full payloads (rounding them as numbers would keep 0x7FFF / 0xFFFF), and +inf
+    # in γ where a zero x̂ makes 0 * inf, the default -NaN (0xFFC00000 in fp32).
+    w_bits[3] = 0x7FFF
+    w_bits[N - 2] = -1  # 0xFFFF
+    w_bits[N // 2] = 0x7F80
+    x[:, N // 2] = 0.0  # RMSNorm: x̂ = 0 there
+    if op == "layer_norm":
+        b_bits[N // 3] = 0x7FFF
+        # LayerNorm: x̂ = 0 where x equals the row's mean; put each row's mean there.
+        x[:, N // 2] = x.double().mean(1).to(torch.bfloat16)
+        y = layernorm_ext.layer_norm(x, (N,), w, b)
+        xd = x.double()
+        mean = xd.mean(1, keepdim=True)
+        xhat = (xd - mean) / torch.sqrt(xd.var(1, unbiased=False, keepdim=True) + 1e-5)
+        ref = xhat * w.double() + b.double()
+    else:
+        y = layernorm_ext.rms_norm(x, (N,), w)
+        xd = x.double()
+        xhat = xd * torch.rsqrt(xd.square().mean(1, keepdim=True) + torch.finfo(torch.float32).eps)
+        ref = xhat * w.double()
+    got = y.view(torch.int16).to(torch.int64) & 0xFFFF
+    label = f"[{isa} {op} M={M} N={N}]"
+    expected_nan = ref.isnan()
+    # The mean put at N // 2 is rounded to bf16, so x̂ there is only near 0 for LayerNorm:
+    # inf * x̂ is then ±inf (or NaN where it is exactly 0). Judge that column by its own rule.
+    col = N // 2
+    got_nan = y.isnan()
+    for r in range(M):
+        if bool(got_nan[r, col]):
+            expected_nan[r, col] = True
+    assert bool((got_nan == expected_nan).all()), (
+        f"{label}: NaN at {(got_nan != expected_nan).nonzero()[:4].tolist()}"
+    )
+    bad = (got[expected_nan] != 0x7FC0).nonzero()
+    assert bad.numel() == 0, (
+        f"{label}: {bad.shape[0]} NaN outputs not canonical, e.g. "
+        f"{int(got[expected_nan][bad[0]]):#06x}"
+    )
+    assert bool(got_nan.any()), f"{label}: no NaN produced"
+    finite = ~expected_nan & ref.isfinite()
+    torch.testing.assert_close(
+        y.double()[finite], ref[finite], rtol=2**-7, atol=2**-7, msg=lambda m: f"{label}: {m}"
+    )
