@@ -326,6 +326,27 @@ constexpr bool is_short_bwd_row(int64_t N) {
   return N <= int64_t{kShortBwdRowVectors} * Vec<A>::kSize;
 }
 
+// The 2L values at p as two vectors, in an order that only sums may use (each value once, lanes
+// reduced at the end): bf16 in the even / odd layout (EvenOdd, vec.h) splits them by parity with
+// one load and two integer operations where element order takes two widening loads and two
+// shifts. LayerNorm's 16-bit sums (long_row_sums, sum_moments_short) load their vectors in such
+// pairs: a row's sums then depend on the kernel set, as they already did, and still on nothing
+// else. RMSNorm's sums of squares keep element order, which keeps 16-bit RMSNorm bitwise the
+// fp32 computation on the upcast tensors (README, tested). Measured on LayerNorm bf16 (harness
+// calling the kernel table, 1 thread, Xeon Skylake-SP, TSC cycles per 16 elements, min of 15,
+// two interleaved runs), element order -> pairs: 2 x 2048 11.3-11.6 -> 10.6-10.8, 64 x 4096
+// 10.6-11.6 -> 9.9, 2048 x 128 17.9-18.8 -> 17.2-17.3, 16384 x 1024 22.1-22.3 -> 21.2-21.4,
+// 16384 x 4096 20.4-20.5 -> 20.2-20.4.
+template <typename V, typename T>
+LNEXT_ALWAYS_INLINE void load_pair(const T* p, V& a, V& b) {
+  if constexpr (EvenOdd<V, T>::kOn) {
+    EvenOdd<V, T>::load(p, a, b);
+  } else {
+    a = V::load(p);
+    b = V::load(p + V::kSize);
+  }
+}
+
 // Blocked pairwise summation of S parallel sums over a row: vector lanes accumulate over a chunk
 // of kChunk vectors, chunk totals enter a binary-counter cascade, lanes reduce in a fixed tree.
 template <typename V, int S>
@@ -370,8 +391,11 @@ inline void cascade_finish(const CascadeSum<V, S>& cs, A* out) {
   for (int s = 0; s < S; ++s) out[s] = acc[s].sum();
 }
 
-// sum(d) and sum(d^2) of a long row, d = x - shift (kShift) or x: two accumulators per chunk
-// of kChunk vectors, chunk totals into the cascade, the masked partial vector last.
+// sum(d) and sum(d^2) of a long row, d = x - shift (kShift) or x: four accumulators of each per
+// chunk of kChunk vectors (independent add / FMA chains; two left the loop bound by their
+// latency: bf16 2 x 2048 10.5-10.8 -> 10.2-10.4 TSC cycles per 16 elements, harness), the
+// vectors loaded in pairs (load_pair), chunk totals into the cascade, the masked partial vector
+// last.
 template <bool kShift, typename T, typename A = acc_t<T>>
 inline void long_row_sums(const T* x, int64_t N, A shift, A* sums) {
   using V = Vec<A>;
@@ -391,23 +415,25 @@ inline void long_row_sums(const T* x, int64_t N, A shift, A* sums) {
   int64_t v = 0;
   while (v < nfull) {
     const int64_t chunk_end = std::min(nfull, v + kChunk);
-    V s[2] = {V::zero(), V::zero()};
-    V q[2] = {V::zero(), V::zero()};
-    for (; v + 2 <= chunk_end; v += 2) {
-      for (int u = 0; u < 2; ++u) {
-        const V d = load(v + u);
-        s[u] = s[u] + d;
-        q[u] = madd(d, d, q[u]);
+    V s[4] = {V::zero(), V::zero(), V::zero(), V::zero()};
+    V q[4] = {V::zero(), V::zero(), V::zero(), V::zero()};
+    for (; v + 4 <= chunk_end; v += 4) {
+      V d[4];
+      load_pair(x + v * L, d[0], d[1]);
+      load_pair(x + (v + 2) * L, d[2], d[3]);
+      for (int u = 0; u < 4; ++u) {
+        if constexpr (kShift) d[u] = d[u] - vshift;
+        s[u] = s[u] + d[u];
+        q[u] = madd(d[u], d[u], q[u]);
       }
     }
-    if (v < chunk_end) {
+    for (int u = 0; v < chunk_end; ++v, ++u) {
       const V d = load(v);
-      s[0] = s[0] + d;
-      q[0] = madd(d, d, q[0]);
-      ++v;
+      s[u] = s[u] + d;
+      q[u] = madd(d, d, q[u]);
     }
-    cs.chunk[0] = s[0] + s[1];
-    cs.chunk[1] = q[0] + q[1];
+    cs.chunk[0] = (s[0] + s[1]) + (s[2] + s[3]);
+    cs.chunk[1] = (q[0] + q[1]) + (q[2] + q[3]);
     cs.in_chunk = kChunk - 1;
     cs.step();
   }
@@ -840,14 +866,26 @@ inline void sum_moments_short(const T* const* xs, int64_t N, RowMoments<float>* 
   const int tail = static_cast<int>(N % L);
   V s0[R], s1[R], q0[R], q1[R];
   for (int k = 0; k < R; ++k) s0[k] = s1[k] = q0[k] = q1[k] = V::zero();
-  auto step = [&](int k, int64_t v, V& s, V& q) {
-    const V xv = V::load(xs[k] + v * L);
-    s = s + xv;
-    q = madd(xv, xv, q);
-  };
-  visit_short_rows<R>(nfull, [&](int k, int64_t v, int odd) {
-    step(k, v, odd ? s1[k] : s0[k], odd ? q1[k] : q0[k]);
-  });
+  // The order of visit_short_rows, the pairs loaded by load_pair.
+  int64_t v = 0;
+  for (; v + 2 <= nfull; v += 2) {
+    for (int k = 0; k < R; ++k) {
+      V a;
+      V b;
+      load_pair(xs[k] + v * L, a, b);
+      s0[k] = s0[k] + a;
+      q0[k] = madd(a, a, q0[k]);
+      s1[k] = s1[k] + b;
+      q1[k] = madd(b, b, q1[k]);
+    }
+  }
+  if (v < nfull) {
+    for (int k = 0; k < R; ++k) {
+      const V a = V::load(xs[k] + v * L);
+      s0[k] = s0[k] + a;
+      q0[k] = madd(a, a, q0[k]);
+    }
+  }
   for (int k = 0; k < R; ++k) {
     V s = s0[k] + s1[k];
     V q = q0[k] + q1[k];
