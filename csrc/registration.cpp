@@ -110,6 +110,9 @@ TORCH_LIBRARY(layernorm_ext, m) {
   m.def("cpu_stream_policy() -> str", [] { return cpu::stream_policy_name(); });
   m.def("set_cpu_stream_policy(str name) -> str",
         [](const std::string& name) { return cpu::set_stream_policy(name); });
+  m.def("cpu_stream_min_bytes() -> int", [] { return cpu::stream_min_bytes(); });
+  m.def("set_cpu_stream_min_bytes(int? bytes) -> int?",
+        [](std::optional<int64_t> bytes) { return cpu::set_stream_min_bytes(bytes); });
 }
 
 }  // namespace layernorm_ext

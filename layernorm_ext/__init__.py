@@ -15,11 +15,13 @@ from .functional import (
     add_rms_norm,
     available_cpu_capabilities,
     cpu_capability,
+    cpu_stream_min_bytes,
     cpu_stream_policy,
     has_cuda_kernels,
     layer_norm,
     rms_norm,
     set_cpu_capability,
+    set_cpu_stream_min_bytes,
     set_cpu_stream_policy,
 )
 from .modules import LayerNorm, LlamaStyleRMSNorm, RMSNorm
@@ -34,11 +36,13 @@ __all__ = [
     "add_rms_norm",
     "available_cpu_capabilities",
     "cpu_capability",
+    "cpu_stream_min_bytes",
     "cpu_stream_policy",
     "has_cuda_kernels",
     "layer_norm",
     "replace_norms",
     "rms_norm",
     "set_cpu_capability",
+    "set_cpu_stream_min_bytes",
     "set_cpu_stream_policy",
 ]

@@ -17,11 +17,13 @@ __all__ = [
     "add_rms_norm",
     "available_cpu_capabilities",
     "cpu_capability",
+    "cpu_stream_min_bytes",
     "cpu_stream_policy",
     "has_cuda_kernels",
     "layer_norm",
     "rms_norm",
     "set_cpu_capability",
+    "set_cpu_stream_min_bytes",
     "set_cpu_stream_policy",
 ]
 
@@ -245,11 +247,12 @@ def cpu_stream_policy() -> str:
     """When large CPU forward outputs are written with non-temporal stores: ``"auto"``,
     ``"on"`` or ``"off"``.
 
-    Streaming applies only once the input and the output together fill the last-level cache
-    (at least 32 MiB) and the output rows are 64-byte aligned; the values are bitwise those of
-    plain stores. ``"auto"`` (the default) streams on CPUs where it measured faster (AMD; on the
-    Intel Xeon measured, plain stores were faster), and not into freshly mapped outputs;
-    ``"on"`` streams every such output, ``"off"`` none. Set with the environment variable
+    Streaming applies only once the input and the output together reach
+    :func:`cpu_stream_min_bytes` (the last-level cache, at least 32 MiB) and the output rows are
+    64-byte aligned; the values are bitwise those of plain stores. ``"auto"`` (the default)
+    streams on CPUs where it measured faster (AMD, and Intel Xeons with AMX; on an older Intel
+    Xeon, Skylake-SP, plain stores were faster), and not into freshly mapped outputs; ``"on"``
+    streams every such output, ``"off"`` none. Set with the environment variable
     ``LAYERNORM_EXT_CPU_STREAM`` (read on first use) or :func:`set_cpu_stream_policy`.
     """
     return _ops.cpu_stream_policy()
@@ -259,6 +262,21 @@ def set_cpu_stream_policy(name: str) -> str:
     """Sets the streaming policy (``"auto"``, ``"on"`` or ``"off"``) for the whole process;
     returns the previous one. Meant for tests and benchmarks: switch between calls."""
     return _ops.set_cpu_stream_policy(name)
+
+
+def cpu_stream_min_bytes() -> int:
+    """Input plus output bytes from which a CPU forward may write its output with non-temporal
+    stores (see :func:`cpu_stream_policy`): the last-level cache a core uses, as sysfs reports it,
+    and at least 32 MiB, unless :func:`set_cpu_stream_min_bytes` set another count."""
+    return _ops.cpu_stream_min_bytes()
+
+
+def set_cpu_stream_min_bytes(nbytes: int | None) -> int | None:
+    """Sets the byte count of :func:`cpu_stream_min_bytes` for the whole process (``None``: back
+    to the cache-size default); returns the previous setting (``None`` for the default). For
+    tests, and for machines whose reported cache size misleads (a VM shown the whole socket's
+    cache). Switch between calls, not while ops run on other threads."""
+    return _ops.set_cpu_stream_min_bytes(nbytes)
 
 
 def has_cuda_kernels() -> bool:

@@ -1,11 +1,12 @@
 """Forward outputs whose problem (input + output) fills the last-level cache may be written with
 non-temporal stores (CPU forward): under the default policy on CPUs where that measured faster
-(AMD), caller-provided ones (out=, in-place) always and fresh ones when their memory is already
-mapped in; under the "on" policy every aligned one. That changes only how y reaches memory: every
-row must be bitwise what the cached path gives for the same row (computed here in blocks below
-the threshold), for each op, with and without the alignment that streaming needs, on the best and
-the portable kernel set, and for fresh outputs either way. The tests force the "on" policy, so
-the streamed path runs on every CPU."""
+(AMD, Intel with AMX), caller-provided ones (out=, in-place) always and fresh ones when their
+memory is already mapped in; under the "on" policy every aligned one. That changes only how y
+reaches memory: every row must be bitwise what the cached path gives for the same row (computed
+here in blocks below the threshold), for each op, with and without the alignment that streaming
+needs, on the best and the portable kernel set, and for fresh outputs either way. The tests force
+the "on" policy and a 32 MiB threshold (the machine's own is its last-level cache, which may be
+hundreds of MiB), so the streamed path runs on every CPU."""
 
 from __future__ import annotations
 
@@ -22,8 +23,20 @@ from norm_testing import assert_bitwise_equal, check_result, fwd_tol, use_isa
 
 import layernorm_ext
 
-STREAM_BYTES = 64 << 20  # output alone >= the streaming threshold: max(last-level cache, 32 MiB)
+THRESHOLD = 32 << 20  # the streaming threshold these tests set (input + output bytes)
+STREAM_BYTES = 64 << 20  # output alone >= the threshold
 BLOCK_ROWS = 256  # blocks far below the threshold: the cached path
+
+
+@pytest.fixture(autouse=True)
+def _streaming_threshold() -> Iterator[None]:
+    """Every test here runs with the threshold at THRESHOLD; the default comes back after."""
+    previous = layernorm_ext.set_cpu_stream_min_bytes(THRESHOLD)
+    try:
+        assert layernorm_ext.cpu_stream_min_bytes() == THRESHOLD
+        yield
+    finally:
+        layernorm_ext.set_cpu_stream_min_bytes(previous)
 
 
 @contextlib.contextmanager
@@ -121,6 +134,21 @@ def test_stream_policy_names_and_errors():
     with stream_policy("off"):
         assert layernorm_ext.set_cpu_stream_policy("on") == "off"
         assert layernorm_ext.cpu_stream_policy() == "on"
+
+
+def test_stream_min_bytes_default_set_and_errors():
+    """The default is at least 32 MiB; a set count is used and reported until reset with None."""
+    assert layernorm_ext.set_cpu_stream_min_bytes(None) == THRESHOLD
+    default = layernorm_ext.cpu_stream_min_bytes()
+    assert default >= 32 << 20
+    assert layernorm_ext.set_cpu_stream_min_bytes(1 << 20) is None
+    assert layernorm_ext.cpu_stream_min_bytes() == 1 << 20
+    assert layernorm_ext.set_cpu_stream_min_bytes(None) == 1 << 20
+    assert layernorm_ext.cpu_stream_min_bytes() == default
+    for bad in (0, -5):
+        with pytest.raises(RuntimeError, match="set_cpu_stream_min_bytes expects a positive"):
+            layernorm_ext.set_cpu_stream_min_bytes(bad)
+    assert layernorm_ext.cpu_stream_min_bytes() == default
 
 
 def _package_root() -> str:

@@ -6,6 +6,10 @@
 #include <cstdlib>
 #include <mutex>
 
+#if defined(__x86_64__)
+#include <cpuid.h>
+#endif
+
 namespace layernorm_ext::cpu {
 namespace {
 
@@ -95,6 +99,19 @@ bool is_amd() {
 #if defined(__x86_64__) || defined(_M_X64)
   static const bool amd = __builtin_cpu_is("amd");
   return amd;
+#else
+  return false;
+#endif
+}
+
+bool is_intel_with_amx() {
+#if defined(__x86_64__)
+  static const bool amx = [] {
+    unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+    return __builtin_cpu_is("intel") && __get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx) != 0 &&
+           (edx & (1u << 24)) != 0;
+  }();
+  return amx;
 #else
   return false;
 #endif

@@ -20,6 +20,11 @@ std::string capability();
 // software prefetch of long rows) measured opposite ways on AMD and Intel CPUs.
 bool is_amd();
 
+// Whether this is an Intel CPU with AMX tiles (CPUID.7.0:EDX[24]): Sapphire Rapids and later
+// Xeons. Only a generation marker for measured memory behaviour (stream_policy.cpp); nothing
+// here runs AMX instructions.
+bool is_intel_with_amx();
+
 // Every ISA this build has and this CPU can run, best first.
 std::vector<std::string> available_capabilities();
 

@@ -105,15 +105,20 @@ const CacheSizes& cache_sizes() {
 }
 
 // Non-temporal stores once the input and the output together fill the last-level cache (32 MiB
-// if unknown, or if smaller): they cannot both stay in it, and streaming skips the
-// read-for-ownership of every destination line (a third of the memory traffic of a
-// normalisation). Smaller problems leave the output in cache for its reader. Measured (out=,
-// median of 5 rounds against copy_ of the same bytes, two runs): with the output alone as the
-// criterion, 24 MiB fp16 16384 x 768 and 16 MiB fp32 2048 x 2048 outputs (plain stores) ran
-// at 0.53-0.56 / 0.37-0.43 of copy_'s bandwidth; streamed, 0.60-0.84 / 0.66-0.78.
-int64_t streaming_threshold_bytes() {
+// if unknown, or if smaller; or what cpu::set_stream_min_bytes set): they cannot both stay in it,
+// and streaming skips the read-for-ownership of every destination line (a third of the memory
+// traffic of a normalisation). Smaller problems leave the output in cache for its reader.
+// Measured (out=, median of 5 rounds against copy_ of the same bytes, two runs): with the output
+// alone as the criterion, 24 MiB fp16 16384 x 768 and 16 MiB fp32 2048 x 2048 outputs (plain
+// stores) ran at 0.53-0.56 / 0.37-0.43 of copy_'s bandwidth; streamed, 0.60-0.84 / 0.66-0.78.
+int64_t default_streaming_threshold_bytes() {
   static const int64_t bytes = std::max<int64_t>(cache_sizes().last_level, int64_t{32} << 20);
   return bytes;
+}
+
+int64_t streaming_threshold_bytes() {
+  const int64_t set = cpu::stream_min_bytes_setting();
+  return set > 0 ? set : default_streaming_threshold_bytes();
 }
 
 // Under the default policy (on CPUs where streaming pays, stream_policy.cpp), a fresh mapping
@@ -293,6 +298,8 @@ void launch_backward_cpu(const BwdProblem& p) {
 }
 
 }  // namespace
+
+int64_t cpu::stream_min_bytes() { return streaming_threshold_bytes(); }
 
 TORCH_LIBRARY_IMPL(layernorm_ext, CPU, m) {
   m.impl("layer_norm", TORCH_FN(layer_norm_impl<launch_forward_cpu>));
