@@ -604,7 +604,7 @@ LNEXT_ALWAYS_INLINE V apply_vec(const V& xv, const P* w, const P* b, int64_t i, 
   return apply_vals<K, kW, kB, kNoShift>(xv, wv, bv, vshift, vmean, vrstd);
 }
 
-// bf16 without AVX512-BF16 is stored two vectors at a time (kPairStores, vec.h).
+// bf16 on AVX-512 is stored two vectors at a time (kPairStores, vec.h).
 // kEvenOdd (bf16 without AVX512-BF16, EvenOdd in vec.h): fp32 w and b are in the layout of
 // deinterleave_2l (bf16 ones are read as stored and split like the row), and the row is read and
 // written 32 elements at a time in the even / odd layout; every element is computed by the same
@@ -644,8 +644,8 @@ inline void apply_row(const T* x, const P* w, const P* b, T* y, int64_t N, A shi
     }
   };
   auto body = [&](auto prefetch) {
-    // Two vectors of 16-bit x share a 64-byte line: one prefetch per line, and bf16 without
-    // AVX512-BF16 rounds and stores both at once (kPairStores).
+    // Two vectors of 16-bit x share a 64-byte line: one prefetch per line, and bf16 on AVX-512
+    // rounds (or converts) and stores both at once (kPairStores).
     if constexpr (kEvenOdd && EvenOdd<V, T>::kOn) {
       for (; i + 2 * L <= N; i += 2 * L) {
         prefetch_at(i, prefetch);
@@ -1661,7 +1661,7 @@ void bwd_rows_impl(const BwdParams& p, const P* w, int64_t begin, int64_t end, a
       };
       int64_t v = 0;
       if constexpr (kPairStores<V, T>) {
-        // bf16 without AVX512-BF16: two vectors rounded and stored at once (store_pair, vec.h).
+        // bf16 on AVX-512: two vectors rounded and stored at once (store_pair, vec.h).
         // Measured (harness, 1 thread, Xeon Skylake-SP, cycles per 16 elements, two runs):
         // LayerNorm 512 x 768 25.4 / 35.0 -> 23.8 / 31.9, 64 x 4096 38.0 / 39.9 -> 36.9 / 37.4,
         // RMSNorm 512 x 1024 21.8 -> 20.9. (Short rows keep one vector per step: pairing their
