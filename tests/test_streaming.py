@@ -14,8 +14,9 @@ import contextlib
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -28,26 +29,34 @@ STREAM_BYTES = 64 << 20  # output alone >= the threshold
 BLOCK_ROWS = 256  # blocks far below the threshold: the cached path
 
 
+@contextlib.contextmanager
+def _process_setting(
+    set_fn: Callable[[Any], Any], get_fn: Callable[[], Any], value: Any
+) -> Iterator[None]:
+    """Runs the body with a process-wide setting at ``value`` (checked through ``get_fn``);
+    restores the previous one (what ``set_fn`` returned)."""
+    previous = set_fn(value)
+    try:
+        assert get_fn() == value
+        yield
+    finally:
+        set_fn(previous)
+
+
 @pytest.fixture(autouse=True)
 def _streaming_threshold() -> Iterator[None]:
     """Every test here runs with the threshold at THRESHOLD; the default comes back after."""
-    previous = layernorm_ext.set_cpu_stream_min_bytes(THRESHOLD)
-    try:
-        assert layernorm_ext.cpu_stream_min_bytes() == THRESHOLD
+    with _process_setting(
+        layernorm_ext.set_cpu_stream_min_bytes, layernorm_ext.cpu_stream_min_bytes, THRESHOLD
+    ):
         yield
-    finally:
-        layernorm_ext.set_cpu_stream_min_bytes(previous)
 
 
-@contextlib.contextmanager
-def stream_policy(name: str) -> Iterator[None]:
+def stream_policy(name: str) -> contextlib.AbstractContextManager[None]:
     """Runs the body under the CPU streaming policy ``name``; restores the previous one."""
-    previous = layernorm_ext.set_cpu_stream_policy(name)
-    try:
-        assert layernorm_ext.cpu_stream_policy() == name
-        yield
-    finally:
-        layernorm_ext.set_cpu_stream_policy(previous)
+    return _process_setting(
+        layernorm_ext.set_cpu_stream_policy, layernorm_ext.cpu_stream_policy, name
+    )
 
 
 def _blocks(fn, M: int) -> torch.Tensor:

@@ -230,12 +230,12 @@ inline __m512i bf16_even_odd_bits(__m512 even, __m512 odd) {
 // bf16_bits()), else bf16_bits() for each, out of line. The same bits as two bf16_bits().
 // Measured (microbenchmark, 1 thread, L1-resident, Intel Xeon with AMX, TSC cycles per 32
 // elements, min of 15): two vcvtneps2bf16 with their vfpclassps tests 4.1-5.0, this 2.8-3.2.
-// Forced inline: GCC kept it out of line in the apply loop (a call per 32 elements, 18% slower
-// than the two conversions it replaced).
 [[gnu::noinline, gnu::cold]] inline __m512i bf16_pair_bits_exact(__m512 a, __m512 b) {
   return _mm512_inserti64x4(_mm512_castsi256_si512(Vec<float>{a}.bf16_bits()),
                             Vec<float>{b}.bf16_bits(), 1);
 }
+// Forced inline: GCC kept it out of line in the apply loop (a call per 32 elements, 18% slower
+// than the two conversions it replaced).
 LNEXT_ALWAYS_INLINE __m512i bf16_pair_bits(__m512 a, __m512 b) {
   const __mmask16 slow_a = _mm512_fpclass_ps_mask(a, 0x01 | 0x80 | 0x20);
   const __mmask16 slow_b = _mm512_fpclass_ps_mask(b, 0x01 | 0x80 | 0x20);
